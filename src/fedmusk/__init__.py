@@ -1,0 +1,3 @@
+"""fedmusk: federated fine-tuning of the MUSK pathology foundation model across hospitals."""
+
+__version__ = "0.1.0"
