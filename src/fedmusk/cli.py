@@ -57,7 +57,9 @@ def embed(
     images: Annotated[list[Path], typer.Argument(help="Image files (tiles, JPEG/PNG/TIFF).")],
     text: Annotated[list[str], typer.Option("--text", "-t", help="A candidate text; repeat for several.")],
     config: ConfigFiles = None,
-    overrides: Overrides = None,
+    overrides: Annotated[
+        list[str] | None, typer.Option("--set", "-s", help="Configuration override key=value; repeat for several.")
+    ] = None,
 ) -> None:
     """Score images against texts with MUSK's contrastive heads (zero-shot classification)."""
     from fedmusk.demo import print_similarity_table, similarity_for_files

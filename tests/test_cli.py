@@ -1,0 +1,43 @@
+"""The fedmusk command as users meet it: useful output, one-line errors, no tracebacks for their mistakes."""
+
+import numpy as np
+from PIL import Image
+from typer.testing import CliRunner
+
+from fedmusk.cli import app
+
+runner = CliRunner()
+
+
+def test_demo_embeds_real_tissue_against_report_sentences():
+    result = runner.invoke(app, ["demo"])
+    assert result.exit_code == 0, result.output
+    assert "image-text similarity" in result.output
+    assert "skimage-ihc-0" in result.output
+
+
+def test_embed_scores_each_image_against_each_text(tmp_path):
+    path = tmp_path / "tile.png"
+    Image.fromarray(np.full((120, 100, 3), 200, np.uint8)).save(path)
+    result = runner.invoke(app, ["embed", str(path), "-t", "tumour", "-t", "stroma"])
+    assert result.exit_code == 0, result.output
+    assert "tile.png" in result.output
+
+
+def test_missing_image_is_a_one_line_error(tmp_path):
+    result = runner.invoke(app, ["embed", str(tmp_path / "absent.png"), "-t", "tumour"])
+    assert result.exit_code == 2
+    assert "image not found" in result.output and "Traceback" not in result.output
+
+
+def test_unknown_override_key_is_named_without_traceback():
+    result = runner.invoke(app, ["demo", "model.presett=large"])
+    assert result.exit_code == 2
+    assert "unknown configuration key 'model.presett'" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_large_model_without_weights_is_refused_with_the_reason():
+    result = runner.invoke(app, ["demo", "model.preset=large"])
+    assert result.exit_code == 2
+    assert "needs the released checkpoint" in result.output
