@@ -42,11 +42,98 @@ class DataConfig:
 
 
 @dataclass
+class LoraConfig:
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
+    experts: list[str] = field(default_factory=lambda: ["A", "B"])  # A = vision, B = language
+    ffa: bool = False  # FFA-LoRA: A frozen at a seeded initialisation shared by all sites, only B trains
+
+
+@dataclass
+class PretrainConfig:
+    """Continued domain pretraining with MUSK's objectives on a site's pretrain/ folder."""
+
+    mlm_weight: float = 1.0  # masked language modelling on unpaired report text
+    mim_weight: float = 1.0  # masked image modelling on unpaired tiles
+    clip_weight: float = 1.0  # contrastive alignment on image-caption pairs
+    aux_mlm_weight: float = 0.1  # cross-attention MLM beside the contrastive loss, as in the paper
+    mim_target: str = "teacher"  # "teacher" (frozen base features) or "codes" (visual tokenizer)
+    visual_tokenizer: str | None = None  # checkpoint of a visual tokenizer when mim_target=codes
+    mask_ratio: float = 0.4
+    mlm_probability: float = 0.15
+    steps: int = 20
+    batch_size: int = 8
+    lr: float = 1e-4
+    stain_augmentation: bool = True
+
+
+@dataclass
+class TrainConfig:
+    task: str = "survival"  # "survival", "response" or "pretrain"
+    features: str = "cached"  # "cached": tile features from `fedmusk prepare`; "end2end": tiles through MUSK
+    fusion: str = "concat"  # "concat", "gated", "image" (slides only) or "report" (report only)
+    survival_loss: str = "nll"  # "nll" (discrete-time) or "cox" (partial likelihood)
+    time_bins: list[float] = field(default_factory=lambda: [12.0, 24.0, 48.0])  # months; shared by every site
+    epochs: int = 20
+    lr: float = 5e-4
+    weight_decay: float = 0.05
+    batch_cases: int = 16
+    bag_size: int = 16  # tiles sampled per slide per step in training (all tiles at evaluation)
+    grad_clip: float = 1.0
+    hidden_dim: int = 64
+    dropout: float = 0.1
+    bootstrap: int = 200  # resamples for confidence intervals
+    val_fraction: float = 0.15  # when the manifest has no split column
+    test_fraction: float = 0.2
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+
+
+@dataclass
+class FederationConfig:
+    """Rounds as the coordinator runs them. The site's own egress policy is a separate file the site controls."""
+
+    strategy: str = "fedit"  # "fedit" (FedAvg of A and B), "ffa" (FFA-LoRA), "fedsa" (FedSA-LoRA: B stays local)
+    rounds: int = 3
+    pretrain_rounds: int = 0  # continued-pretraining rounds before the outcome rounds
+    local_epochs: int = 1
+    secure_aggregation: bool = True  # SecAgg+; false = plain mode (needed for robust aggregation)
+    secagg_num_shares: int = 3  # must be odd
+    secagg_reconstruction_threshold: int = 2
+    secagg_clipping_range: float = 8.0  # updates are clipped to +-this before quantisation
+    secagg_quantization_range: int = 4194304
+    fraction: float = 1.0  # share of connected sites asked each round
+    min_sites: int = 2  # sites that must be connected before a round starts
+    min_replies: int = 2  # fewer replies and the round fails loudly
+    wait_for_sites_s: float = 120.0  # never wait forever for sites to connect
+    reply_timeout_s: float = 1800.0  # never wait forever for replies
+    server_optimizer: str = "fedavg"  # "fedavg", "fedavgm", "fedadam", "fedyogi"
+    server_lr: float = 1.0
+    proximal_mu: float = 0.0  # FedProx term at the sites (0 = off)
+    robust: str = "none"  # "none", "median", "trimmed_mean" (plain mode only)
+    trim_fraction: float = 0.1
+    dp_noise_multiplier: float = 0.0  # server-side Gaussian noise on the sum (0 = no DP)
+    dp_clip: float = 0.0  # client-side clipping norm of each update (needed with DP)
+    dp_delta: float = 1e-5
+
+
+@dataclass
+class TrackingConfig:
+    uri: str | None = None  # None: a local SQLite store inside the run's output folder
+    experiment: str = "fedmusk"
+
+
+@dataclass
 class FedMuskConfig:
     seed: int = 0
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
 def load_config(

@@ -1,0 +1,74 @@
+"""Tile inputs for outcome models: cached MUSK features from ``fedmusk prepare`` (fast mode) or live tiles read from
+the slides for end-to-end LoRA training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from fedmusk.data.errors import SiteDataError
+from fedmusk.data.prepare import TilingSettings, model_fingerprint, prepare_site, read_cache
+from fedmusk.data.slides import open_slide
+from fedmusk.data.tiles import read_tile
+from fedmusk.musk_model.transforms import musk_transform
+
+
+class FeatureStore:
+    """Per-slide tile features of a frozen base MUSK, loaded from the sites' caches (prepared on demand).
+
+    With ``base_model=None`` only the tile grids are prepared (end-to-end training reads pixels live).
+    """
+
+    def __init__(self, base_model, tiling: TilingSettings, ms_aug: bool, batch_size: int = 32, progress=None):
+        self.model, self.tiling, self.ms_aug, self.batch_size = base_model, tiling, ms_aug, batch_size
+        self.fingerprint = model_fingerprint(base_model, ms_aug, tiling)
+        self.progress = progress
+        self._features: dict[tuple[Path, str], torch.Tensor] = {}
+
+    @property
+    def dim(self) -> int:
+        return self.model.config.embed_dim * (2 if self.ms_aug else 1)
+
+    def ensure(self, site_root: Path, slides: list[str]) -> None:
+        """Embed every slide whose cache is missing or was made by another model or setting."""
+        stale = [s for s in slides if (c := read_cache(site_root, s)) is None or c.fingerprint != self.fingerprint]
+        if not stale:
+            return
+        transform = musk_transform(self.model.config.img_size) if self.model is not None else None
+        result = prepare_site(
+            site_root, stale, self.tiling, self.model, transform, self.batch_size, self.ms_aug, progress=self.progress
+        )
+        if result.failed:
+            slide, reason = result.failed[0]
+            raise SiteDataError(f"cannot prepare slide: {reason}", path=slide)
+
+    def get(self, site_root: Path, slide: str) -> torch.Tensor:
+        key = (site_root, slide)
+        if key not in self._features:
+            cached = read_cache(site_root, slide)
+            if cached is None or cached.fingerprint != self.fingerprint or cached.features is None:
+                raise SiteDataError("slide has no current tile features; run 'fedmusk prepare'", path=slide)
+            if cached.features.shape[0] == 0:
+                raise SiteDataError("no tissue tiles were found on this slide", path=slide)
+            self._features[key] = cached.features
+        return self._features[key]
+
+
+class TileReader:
+    """Live tiles for end-to-end training: coordinates from the cache, pixels from the slide, MUSK preprocessing."""
+
+    def __init__(self, img_size: int, tiling: TilingSettings):
+        self.transform = musk_transform(img_size)
+        self.tiling = tiling
+
+    def coords(self, site_root: Path, slide: str):
+        cached = read_cache(site_root, slide)
+        if cached is None:
+            raise SiteDataError("slide has not been tiled; run 'fedmusk prepare'", path=slide)
+        return cached.tile_coords()
+
+    def pixels(self, site_root: Path, slide: str, index: list[int]) -> torch.Tensor:
+        coords = self.coords(site_root, slide)
+        with open_slide(Path(site_root) / slide) as s:
+            return torch.stack([self.transform(read_tile(s, coords[i])) for i in index])

@@ -1,0 +1,249 @@
+"""Outcome prediction from slides and reports: MUSK with LoRA, gated-attention MIL over tiles, fusion with the
+report's language features, and a survival or response head. The same ``OutcomeTrainer`` runs inside a federated
+round, a pooled (centralized) baseline and a single-site baseline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fedmusk.config import FedMuskConfig
+from fedmusk.musk_model.heads import (
+    CaseFusion,
+    ResponseHead,
+    SurvivalHead,
+    bins_to_risk,
+    discretize_times,
+    pad_bags,
+    survival_curve,
+)
+from fedmusk.musk_model.lora import LoraSettings, adapter_state, apply_lora, load_adapter_state, task_heads
+from fedmusk.musk_model.losses import binary_response_loss, cox_partial_likelihood, discrete_time_nll
+from fedmusk.training.cohort import CaseRecord
+from fedmusk.training.features import FeatureStore, TileReader
+from fedmusk.training.metrics import response_metrics, survival_metrics
+
+OUTCOME_TASKS = ("survival", "response")
+
+
+@dataclass
+class Predictions:
+    """Per-case model outputs of one evaluation, aligned with ``cases``."""
+
+    cases: list[CaseRecord]
+    risk: np.ndarray  # survival: higher = earlier event; response: logit of response
+    survival: np.ndarray | None  # (n, len(eval_times)) S(t) for the Brier score, discrete-time model only
+    eval_times: np.ndarray | None
+
+    @property
+    def time(self) -> np.ndarray:
+        return np.array([c.time for c in self.cases], dtype=float)
+
+    @property
+    def event(self) -> np.ndarray:
+        return np.array([c.event for c in self.cases], dtype=int)
+
+    @property
+    def response(self) -> np.ndarray:
+        return np.array([c.response for c in self.cases], dtype=int)
+
+
+def lora_settings(cfg: FedMuskConfig) -> LoraSettings:
+    lc = cfg.train.lora
+    return LoraSettings(
+        rank=lc.rank, alpha=lc.alpha, dropout=lc.dropout, targets=tuple(lc.targets), experts=tuple(lc.experts),
+        ffa=lc.ffa, seed=cfg.seed,
+    )
+
+
+class OutcomeTrainer:
+    """Trains and evaluates one outcome model on a list of cases (one site's, or several sites' pooled).
+
+    The trainable state is exactly ``adapter_state()``: LoRA tensors of the configured experts plus the fusion and
+    outcome heads. ``base_model`` is consumed (wrapped by peft).
+    """
+
+    def __init__(self, cfg: FedMuskConfig, base_model, tokenizer, features: FeatureStore | None, device):
+        t = cfg.train
+        if t.task not in OUTCOME_TASKS:
+            raise ValueError(f"train.task={t.task!r} is not an outcome task; choose one of {list(OUTCOME_TASKS)}")
+        if t.features not in ("cached", "end2end"):
+            raise ValueError(f"train.features={t.features!r}: choose 'cached' or 'end2end'")
+        self.cfg, self.tokenizer, self.features, self.device = cfg, tokenizer, features, torch.device(device)
+        embed_dim = base_model.config.embed_dim
+        tile_dim = features.dim if t.features == "cached" else embed_dim * (2 if cfg.model.ms_aug else 1)
+        fusion = CaseFusion(tile_dim, embed_dim, dim=t.hidden_dim, mode=t.fusion, dropout=t.dropout)
+        self.edges = torch.tensor([0.0, *sorted(t.time_bins), float("inf")])
+        if t.task == "survival" and t.survival_loss == "nll":
+            head = SurvivalHead(fusion.out_dim, n_bins=len(self.edges) - 1)
+        elif t.task == "survival" and t.survival_loss == "cox":
+            head = ResponseHead(fusion.out_dim)  # one risk score per case
+        elif t.task == "response":
+            head = ResponseHead(fusion.out_dim)
+        else:
+            raise ValueError(f"train.survival_loss={t.survival_loss!r}: choose 'nll' or 'cox'")
+        torch.manual_seed(cfg.seed)  # heads start identical at every site
+        self.model = apply_lora(base_model, lora_settings(cfg), extra_trainable={"fusion": fusion, "outcome": head})
+        self.model.to(self.device)
+        if t.features == "end2end":
+            self.model.base_model.model.set_activation_checkpointing(True)
+            self.tiles = TileReader(base_model.config.img_size, _tiling(cfg))
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.steps_done = 0
+
+    # -- the exchanged state -----------------------------------------------------------------------------------------
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        return adapter_state(self.model)
+
+    def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
+        load_adapter_state(self.model, state)
+
+    # -- inputs ------------------------------------------------------------------------------------------------------
+
+    def _usable(self, cases: list[CaseRecord]) -> list[CaseRecord]:
+        if self.cfg.train.task == "response":
+            return [c for c in cases if c.response is not None]
+        return list(cases)
+
+    def _bag(self, case: CaseRecord, train: bool) -> torch.Tensor:
+        """All tile features of a case (its slides together); in training a random bag of bag_size per slide."""
+        k = self.cfg.train.bag_size if train else self.cfg.data.max_tiles_per_slide
+        parts = []
+        for slide in case.slides:
+            if self.cfg.train.features == "cached":
+                feats = self.features.get(case.site_root, slide)
+                if train and feats.shape[0] > k:
+                    feats = feats[torch.randperm(feats.shape[0], generator=self.generator)[:k]]
+                parts.append(feats.to(self.device))
+            else:
+                n = len(self.tiles.coords(case.site_root, slide))
+                order = torch.randperm(n, generator=self.generator) if train else torch.arange(n)
+                pixels = self.tiles.pixels(case.site_root, slide, order[:k].tolist()).to(self.device)
+                feats, _ = self.model(image=pixels, with_head=False, out_norm=False, ms_aug=self.cfg.model.ms_aug)
+                parts.append(feats)
+        return torch.cat(parts)
+
+    def _forward(self, cases: list[CaseRecord], train: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        heads = task_heads(self.model)
+        tiles = padding = report = None
+        if self.cfg.train.fusion != "report":
+            tiles, padding = pad_bags([self._bag(c, train) for c in cases])
+        if self.cfg.train.fusion != "image":
+            ids, pad = self.tokenizer.encode_batch([c.report for c in cases], max_len=self.cfg.model.max_text_len)
+            _, report = self.model(
+                text=ids.to(self.device), padding_mask=pad.to(self.device), with_head=False, out_norm=False
+            )
+        embedding, attention = heads["fusion"](tiles, padding, report)
+        return heads["outcome"](embedding), attention
+
+    def _loss(self, logits: torch.Tensor, cases: list[CaseRecord]) -> torch.Tensor:
+        t = self.cfg.train
+        if t.task == "response":
+            target = torch.tensor([c.response for c in cases], dtype=torch.float32, device=logits.device)
+            return binary_response_loss(logits, target)
+        time = torch.tensor([c.time for c in cases], dtype=torch.float32)
+        event = torch.tensor([c.event for c in cases], dtype=torch.float32)
+        if t.survival_loss == "cox":
+            return cox_partial_likelihood(logits, time.to(logits.device), event.to(logits.device))
+        bins, _ = discretize_times(time, event, edges=self.edges)
+        return discrete_time_nll(logits, bins.to(logits.device), event.to(logits.device))
+
+    # -- training ----------------------------------------------------------------------------------------------------
+
+    def train_epoch(self, cases: list[CaseRecord], proximal=None) -> dict[str, float]:
+        """One pass over ``cases`` in shuffled mini-batches. ``proximal(model) -> Tensor`` adds a FedProx term.
+
+        Returns the mean loss and the number of cases seen."""
+        cases = self._usable(cases)
+        self.model.train()
+        order = torch.randperm(len(cases), generator=self.generator).tolist()
+        losses, seen = [], 0
+        size = self.cfg.train.batch_cases
+        for start in range(0, len(order), size):
+            batch = [cases[i] for i in order[start : start + size]]
+            logits, _ = self._forward(batch, train=True)
+            loss = self._loss(logits, batch)
+            if proximal is not None:
+                loss = loss + proximal(self.model)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.cfg.train.grad_clip:
+                torch.nn.utils.clip_grad_norm_(
+                    [p for p in self.model.parameters() if p.requires_grad], self.cfg.train.grad_clip
+                )
+            self.optimizer.step()
+            self.steps_done += 1
+            losses.append(float(loss.detach()))
+            seen += len(batch)
+        return {"loss": float(np.mean(losses)) if losses else float("nan"), "cases": seen}
+
+    # -- evaluation --------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def predict(self, cases: list[CaseRecord]) -> Predictions:
+        cases = self._usable(cases)
+        self.model.eval()
+        risks, logits_all = [], []
+        size = self.cfg.train.batch_cases
+        for start in range(0, len(cases), size):
+            logits, _ = self._forward(cases[start : start + size], train=False)
+            logits_all.append(logits.float().cpu())
+        logits = torch.cat(logits_all) if logits_all else torch.zeros(0)
+        t = self.cfg.train
+        survival = eval_times = None
+        if t.task == "survival" and t.survival_loss == "nll":
+            risks = bins_to_risk(logits)
+            eval_times = torch.tensor(sorted(t.time_bins), dtype=torch.float32)
+            survival = survival_curve(logits, eval_times, self.edges).numpy()
+            eval_times = eval_times.numpy()
+        else:
+            risks = logits
+        return Predictions(cases, risks.numpy().astype(float), survival, eval_times)
+
+    def evaluate(self, cases: list[CaseRecord], train_cases: list[CaseRecord] | None = None) -> dict:
+        """Metrics of this model on ``cases``: C-index (Harrell, Uno), time-dependent AUC and integrated Brier score
+        for survival; AUROC/AUPRC for response; bootstrap confidence intervals. ``auc`` is null for survival and
+        ``c_index`` null for response."""
+        return metrics_for(self.predict(cases), self.cfg, train_cases)
+
+
+def metrics_for(pred: Predictions, cfg: FedMuskConfig, train_cases: list[CaseRecord] | None = None) -> dict:
+    t = cfg.train
+    n_boot, seed = t.bootstrap, cfg.seed
+    if t.task == "response":
+        m = response_metrics(pred.response, pred.risk, n_boot=n_boot, seed=seed) if pred.cases else {}
+        return {"c_index": None, "auc": m.get("auc"), "n": len(pred.cases), **m}
+    if not pred.cases:
+        return {"c_index": None, "auc": None, "n": 0}
+    train_time = train_event = None
+    if train_cases:
+        train_time = np.array([c.time for c in train_cases])
+        train_event = np.array([c.event for c in train_cases])
+    inside = _times_inside_followup(pred.eval_times, pred.time, train_time)
+    m = survival_metrics(
+        pred.time, pred.event, pred.risk,
+        survival_prob=None if pred.survival is None else pred.survival[:, inside],
+        times=None if pred.eval_times is None else pred.eval_times[inside],
+        train_time=train_time, train_event=train_event, n_boot=n_boot, seed=seed,
+    )
+    return {**m, "auc": None}
+
+
+def _times_inside_followup(times, test_time, train_time) -> np.ndarray:
+    """IPCW metrics are defined only at times before the last follow-up of both test and training data."""
+    if times is None:
+        return np.zeros(0, dtype=bool)
+    limit = test_time.max() if train_time is None else min(test_time.max(), train_time.max())
+    return np.asarray(times) < limit
+
+
+def _tiling(cfg: FedMuskConfig):
+    from fedmusk.data.prepare import TilingSettings
+
+    return TilingSettings(cfg.data.target_mpp, cfg.data.tile_size, cfg.data.min_tissue)
