@@ -81,6 +81,67 @@ def demo(
     _run(run_demo, cfg, console)
 
 
+SiteRoots = Annotated[list[Path], typer.Option("--site", help="A site folder holding manifest.csv; repeat for several.")]
+
+
+@app.command()
+def validate(
+    site_root: Annotated[Path, typer.Argument(help="The site folder holding manifest.csv.")],
+    quick: Annotated[bool, typer.Option("--quick", help="Check headers only; do not read every slide.")] = False,
+) -> None:
+    """Check a site's manifest, slides, reports and pretrain/ folder; exit 1 when anything must be fixed."""
+    from fedmusk.data.validate import run_validate
+
+    raise typer.Exit(run_validate(site_root, console, check_slides=not quick))
+
+
+@app.command()
+def synth(
+    out_dir: Annotated[Path, typer.Argument(help="Folder to write the synthetic cohort into.")],
+    sites: Annotated[int, typer.Option(help="Number of hospitals.")] = 3,
+    cases_per_site: Annotated[
+        list[int] | None, typer.Option("--cases-per-site", help="Cases per site; repeat to give each site its own.")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Random seed; the same seed writes the same files.")] = 0,
+    slide_px: Annotated[int, typer.Option(help="Longest slide side in pixels at 0.5 um/px.")] = 1024,
+    tile_px: Annotated[int, typer.Option(help="Side of the pretraining tiles in pixels.")] = 96,
+    overwrite: Annotated[bool, typer.Option(help="Replace an earlier synthetic cohort in OUT_DIR.")] = False,
+) -> None:
+    """Write a synthetic multi-hospital cohort (DICOM WSI and SVS slides, reports, outcomes) for demos and tests."""
+    from fedmusk.data.synth import synthesize_cohort
+
+    counts = None if not cases_per_site else (cases_per_site[0] if len(cases_per_site) == 1 else tuple(cases_per_site))
+    roots = _run(
+        synthesize_cohort, out_dir, sites=sites, cases_per_site=counts, seed=seed, tile_px=tile_px,
+        slide_px=slide_px, overwrite=overwrite,
+    )
+    for root in roots:
+        console.print(f"wrote site {root}")
+
+
+@app.command()
+def train(
+    config: Annotated[Path, typer.Argument(help="YAML configuration (see configs/).")],
+    site: SiteRoots,
+    out: Annotated[Path, typer.Option("--out", help="Output folder for metrics.json, plots, adapter, MLflow store.")],
+    overrides: Overrides = None,
+) -> None:
+    """Train on one site (local baseline) or several pooled (centralized baseline); write metrics and plots."""
+    from fedmusk.training.run import run_train
+
+    cfg = _run(_load, [config], overrides)
+    result = _run(run_train, cfg, site, out, err_console)
+    test = result["test"]
+    console.print(
+        f"test: C-index {_num(test.get('c_index'))}, AUROC {_num(test.get('auc'))} "
+        f"(n = {test.get('n', 0)}); metrics in {out / 'metrics.json'}"
+    )
+
+
+def _num(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def _load(files, overrides):
     from fedmusk.config import load_config
 

@@ -74,7 +74,7 @@ class OutcomeTrainer:
             raise ValueError(f"train.features={t.features!r}: choose 'cached' or 'end2end'")
         self.cfg, self.tokenizer, self.features, self.device = cfg, tokenizer, features, torch.device(device)
         embed_dim = base_model.config.embed_dim
-        tile_dim = features.dim if t.features == "cached" else embed_dim * (2 if cfg.model.ms_aug else 1)
+        tile_dim = embed_dim * (2 if cfg.model.ms_aug else 1)  # raw CLS, or 1x + 2x scales
         fusion = CaseFusion(tile_dim, embed_dim, dim=t.hidden_dim, mode=t.fusion, dropout=t.dropout)
         self.edges = torch.tensor([0.0, *sorted(t.time_bins), float("inf")])
         if t.task == "survival" and t.survival_loss == "nll":
