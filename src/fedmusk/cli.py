@@ -111,7 +111,7 @@ def synth(
     from fedmusk.data.synth import synthesize_cohort
 
     counts = None if not cases_per_site else (cases_per_site[0] if len(cases_per_site) == 1 else tuple(cases_per_site))
-    roots = _run(
+    roots = _run_synth(
         synthesize_cohort, out_dir, sites=sites, cases_per_site=counts, seed=seed, tile_px=tile_px,
         slide_px=slide_px, overwrite=overwrite,
     )
@@ -136,6 +136,13 @@ def train(
         f"test: C-index {_num(test.get('c_index'))}, AUROC {_num(test.get('auc'))} "
         f"(n = {test.get('n', 0)}); metrics in {out / 'metrics.json'}"
     )
+
+
+def _run_synth(fn, *args, **kwargs):
+    try:
+        return _run(fn, *args, **kwargs)
+    except (ValueError, FileExistsError) as err:  # impossible arguments, or a folder that is not ours to replace
+        _fail(str(err))
 
 
 def _num(value) -> str:
