@@ -1,0 +1,1 @@
+"""The coordinator side of fedmusk: rounds, checkpoints and run records."""
