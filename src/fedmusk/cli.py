@@ -138,6 +138,16 @@ def train(
     )
 
 
+@app.command()
+def audit(
+    site_root: Annotated[Path, typer.Argument(help="The site folder (or the audit log file itself).")],
+) -> None:
+    """Show what this site has sent to coordinators, round by round, and whether the log's hash chain is intact."""
+    from fedmusk.client.audit import summarize
+
+    console.print(_run(summarize, site_root))
+
+
 def _run_synth(fn, *args, **kwargs):
     try:
         return _run(fn, *args, **kwargs)
