@@ -73,12 +73,15 @@ def embed(
 def demo(
     config: ConfigFiles = None,
     overrides: Overrides = None,
+    workdir: Annotated[
+        Path, typer.Option(help="Where the cohort (made once) and each run's results go.")
+    ] = Path("runs/demo"),
 ) -> None:
-    """Run the demonstration on the embedded default (tiny MUSK, real tissue image, report sentences)."""
+    """Run the federated story on the embedded default: 3 synthetic hospitals, tiny MUSK, SecAgg+, baselines."""
     from fedmusk.demo import run_demo
 
     cfg = _run(_load, config or [_default_config("demo.yaml")], overrides)
-    _run(run_demo, cfg, console)
+    _run(run_demo, cfg, console, workdir)
 
 
 SiteRoots = Annotated[list[Path], typer.Option("--site", help="A site folder holding manifest.csv; repeat for several.")]

@@ -64,6 +64,10 @@ def run_train(
         from fedmusk.training.outcome import metrics_for
 
         test = metrics_for(test_pred, cfg, session.splits["train"])
+        per_site = {
+            Path(root).name: metrics_for(_subset(test_pred, Path(root).name), cfg, session.splits["train"])
+            for root in site_roots
+        }
         plots = _plots(task, test_pred, history, out_dir)
         save_adapter(session.trainer.model, out_dir / "adapter")
         result = {
@@ -75,6 +79,7 @@ def run_train(
             "best_epoch": best_epoch,
             "val_score": best_score,
             "test": test,
+            "test_per_site": per_site,
             "history": history,
             "plots": [p.name for p in plots],
             "seconds": round(time.perf_counter() - start, 1),
@@ -87,6 +92,15 @@ def run_train(
             tracker.log_artifact(path)
         tracker.log_dir(out_dir / "adapter", "adapter")
     return result
+
+
+def _subset(pred, site: str):
+    """The predictions of one site's cases."""
+    from fedmusk.training.outcome import Predictions
+
+    keep = [i for i, c in enumerate(pred.cases) if c.site == site]
+    survival = None if pred.survival is None else pred.survival[keep]
+    return Predictions([pred.cases[i] for i in keep], pred.risk[keep], survival, pred.eval_times)
 
 
 def _plots(task: str, pred, history: dict, out_dir: Path) -> list[Path]:
