@@ -40,7 +40,8 @@ def test_unknown_override_key_is_named_without_traceback():
     assert "Traceback" not in result.output
 
 
-def test_large_model_without_weights_is_refused_with_the_reason():
-    result = runner.invoke(app, ["demo", "model.preset=large"])
+def test_large_model_without_weights_is_refused_with_the_reason(tmp_path):
+    result = runner.invoke(app, ["demo", "--workdir", str(tmp_path), "model.preset=large"])
     assert result.exit_code == 2
     assert "needs the released checkpoint" in result.output
+    assert not any(tmp_path.iterdir()), "nothing is started before the configuration is known to work"

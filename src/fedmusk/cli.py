@@ -142,6 +142,27 @@ def train(
 
 
 @app.command()
+def prepare(
+    site_root: Annotated[Path, typer.Argument(help="The site folder holding manifest.csv.")],
+    overrides: Overrides = None,
+    config: ConfigFiles = None,
+    tiles_only: Annotated[
+        bool, typer.Option("--tiles-only", help="Cut tiles and record their coordinates; do not embed them.")
+    ] = False,
+    quick: Annotated[
+        bool, typer.Option("--quick", help="Check slide headers only first; damaged slides are found while preparing.")
+    ] = False,
+) -> None:
+    """Validate a site, cut its slides into tissue tiles and cache frozen-MUSK tile features inside the site.
+
+    Resumable: slides whose cache is current are skipped; a damaged slide is reported and the others go on."""
+    from fedmusk.data.prepare_cli import run_prepare
+
+    cfg = _run(_load, config, overrides)
+    raise typer.Exit(_run(run_prepare, site_root, cfg, console, embed=not tiles_only, check_slides=not quick))
+
+
+@app.command()
 def audit(
     site_root: Annotated[Path, typer.Argument(help="The site folder (or the audit log file itself).")],
 ) -> None:

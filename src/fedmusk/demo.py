@@ -13,7 +13,7 @@ from rich.table import Table
 
 from fedmusk.config import FedMuskConfig
 from fedmusk.musk_model.zeroshot import image_text_similarity
-from fedmusk.runtime import load_model, load_tokenizer, resolve_device, seed_everything
+from fedmusk.runtime import check_model_config, load_model, load_tokenizer, resolve_device, seed_everything
 
 def read_image(path: Path) -> Image.Image:
     try:
@@ -49,6 +49,7 @@ def run_demo(cfg: FedMuskConfig, console: Console, workdir: Path = Path("runs/de
     from fedmusk.federation import run_simulation_from_config
     from fedmusk.training.run import run_train
 
+    check_model_config(cfg.model)
     seed_everything(cfg.seed)
     cohort = workdir / "cohort"
     if not (cohort / "cohort.json").is_file():

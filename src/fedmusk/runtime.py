@@ -28,6 +28,19 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def check_model_config(cfg: ModelConfig) -> None:
+    """Refuse, before any work starts, a model configuration that cannot load: a large model needs the release's
+    checkpoint and tokenizer files (a random MUSK-large is never what a hospital wants)."""
+    if cfg.preset == "tiny":
+        return
+    if cfg.weights is None:
+        raise ConfigError(
+            f"model.preset={cfg.preset} needs the released checkpoint: set model.weights to model.safetensors"
+        )
+    if cfg.tokenizer is None:
+        raise ConfigError(f"model.preset={cfg.preset} needs the release tokenizer: set model.tokenizer")
+
+
 def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", seed: int = 0) -> MuskModel:
     """The configured MUSK: the release checkpoint when ``cfg.weights`` is set, else a seeded random model.
 
@@ -35,9 +48,7 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", seed: int =
     """
     changes = {"img_size": cfg.img_size} if cfg.img_size else {}
     if cfg.weights is None and cfg.preset != "tiny":
-        raise ConfigError(
-            f"model.preset={cfg.preset} needs the released checkpoint: set model.weights to model.safetensors"
-        )
+        check_model_config(cfg)
     torch.manual_seed(seed)
     try:
         return create_model(cfg.preset, weights=cfg.weights, device=device, **changes)

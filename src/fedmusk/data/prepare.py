@@ -4,7 +4,11 @@ MUSK into a per-slide cache.
 The cache lives inside the site (``<site_root>/.fedmusk/``) and never leaves it. Each slide's entry is written
 atomically and records the tile coordinates and a fingerprint of everything that shaped its features (model weights,
 image size, multi-scale flag, tiling settings), so a killed prepare resumes where it stopped and a stale cache is
-detected instead of silently reused.
+detected instead of silently reused. It also records a fingerprint of the tiling alone: a tiles-only prepare keeps
+an entry whose tiles are current (with whatever features it holds), and an embedding run reuses its coordinates.
+
+Tiles can be read by DataLoader worker processes (``num_workers > 0``): each worker opens the slide itself, and the
+batches arrive in grid order whatever the number of workers, so features do not depend on it.
 """
 
 from __future__ import annotations
@@ -16,15 +20,19 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
-from fedmusk.data.errors import SiteDataError
-from fedmusk.data.slides import open_slide
-from fedmusk.data.tiles import TileCoord, read_tile, tile_grid
+from fedmusk.data.errors import SiteDataError, SlideError
+from fedmusk.data.slides import Slide, open_slide
+from fedmusk.data.tiles import TileCoord, read_tile, region_extent, tile_grid
+from fedmusk.musk_model.transforms import MUSK_MEAN, MUSK_STD, MuskTransform
 
 CACHE_DIRNAME = ".fedmusk"
 CACHE_FORMAT = 1
+_MAX_RUN = 16  # grid tiles read as one strip, at most
 
 
 @dataclass(frozen=True)
@@ -32,6 +40,11 @@ class TilingSettings:
     target_mpp: float = 0.5
     tile_size: int = 384
     min_tissue: float = 0.5
+
+    @classmethod
+    def from_config(cls, data) -> TilingSettings:
+        """The tiling a DataConfig (``cfg.data``) asks for."""
+        return cls(data.target_mpp, data.tile_size, data.min_tissue)
 
 
 @dataclass
@@ -41,7 +54,8 @@ class PrepareResult:
     prepared: list[str] = field(default_factory=list)
     up_to_date: list[str] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)  # (slide, reason)
-    tiles: int = 0
+    tiles: int = 0  # tiles of every slide that is ready now (prepared or up to date)
+    tiles_computed: int = 0  # tiles read (and embedded) by this run
 
     @property
     def ok(self) -> bool:
@@ -55,6 +69,12 @@ def slide_key(relative_slide: str) -> str:
 
 def cache_dir(site_root: Path) -> Path:
     return Path(site_root) / CACHE_DIRNAME / "tiles"
+
+
+def tiling_fingerprint(tiling: TilingSettings) -> str:
+    """sha256 over the settings that decide which tiles a slide has."""
+    settings = json.dumps({"format": CACHE_FORMAT, "tiling": asdict(tiling)}, sort_keys=True)
+    return hashlib.sha256(settings.encode()).hexdigest()
 
 
 def model_fingerprint(model: torch.nn.Module | None, ms_aug: bool, tiling: TilingSettings) -> str:
@@ -72,12 +92,17 @@ def model_fingerprint(model: torch.nn.Module | None, ms_aug: bool, tiling: Tilin
 
 @dataclass
 class CachedSlide:
-    """One slide's cache entry: tile coordinates (n, 4: level, x, y, size) and, when embedded, features (n, dim)."""
+    """One slide's cache entry: tile coordinates (n, 4: level, x, y, size) and, when embedded, features (n, dim).
+
+    ``fingerprint`` is the model fingerprint the entry was made with, ``tiling`` the tiling fingerprint ("" for
+    entries written before it was recorded).
+    """
 
     coords: torch.Tensor
     features: torch.Tensor | None
     fingerprint: str
     mpp: float
+    tiling: str = ""
 
     def tile_coords(self) -> list[TileCoord]:
         return [TileCoord(int(l), int(x), int(y), int(s), self.mpp) for l, x, y, s in self.coords.tolist()]
@@ -89,45 +114,213 @@ def read_cache(site_root: Path, relative_slide: str) -> CachedSlide | None:
     if not path.is_file():
         return None
     try:
-        tensors = load_file(str(path))
-        from safetensors import safe_open
-
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
-        return CachedSlide(tensors["coords"], tensors.get("features"), meta.get("fingerprint", ""), float(meta["mpp"]))
+            names = set(f.keys())
+            coords = f.get_tensor("coords")
+            features = f.get_tensor("features") if "features" in names else None
+        return CachedSlide(coords, features, meta.get("fingerprint", ""), float(meta["mpp"]), meta.get("tiling", ""))
     except Exception:  # noqa: BLE001 - a half-written or foreign file is simply rebuilt
         return None
 
 
-def _write_cache(site_root: Path, relative_slide: str, coords, features, fingerprint: str, mpp: float) -> None:
+def is_current(cached: CachedSlide | None, fingerprint: str, tiling: TilingSettings, features: bool) -> bool:
+    """Whether ``cached`` can be used as is: for features, made by the same model and settings; for tiles only,
+    cut with the same tiling (any features it holds are kept)."""
+    if cached is None:
+        return False
+    if features:
+        return cached.fingerprint == fingerprint and cached.features is not None
+    return cached.tiling == tiling_fingerprint(tiling) or cached.fingerprint == fingerprint
+
+
+def _write_cache(site_root: Path, relative_slide: str, coords, features, fingerprint: str, tiling: TilingSettings):
     out = cache_dir(site_root)
     out.mkdir(parents=True, exist_ok=True)
     final = out / f"{slide_key(relative_slide)}.safetensors"
-    tmp = final.with_suffix(".tmp")
+    tmp = final.with_suffix(".tmp")  # a leftover from a killed run has this very name and is simply overwritten
     tensors = {"coords": coords}
     if features is not None:
         tensors["features"] = features.contiguous()
-    save_file(tensors, str(tmp), metadata={"fingerprint": fingerprint, "mpp": repr(mpp), "format": str(CACHE_FORMAT)})
+    meta = {"fingerprint": fingerprint, "tiling": tiling_fingerprint(tiling), "mpp": repr(tiling.target_mpp),
+            "format": str(CACHE_FORMAT)}  # fmt: skip
+    save_file(tensors, str(tmp), metadata=meta)
     os.replace(tmp, final)  # atomic: a killed prepare leaves either the old entry or the new one
 
 
-def iter_tile_batches(slide, coords: list[TileCoord], transform: Callable, batch_size: int) -> Iterator[torch.Tensor]:
-    for start in range(0, len(coords), batch_size):
-        chunk = coords[start : start + batch_size]
-        yield torch.stack([transform(read_tile(slide, c)) for c in chunk])
+# -- reading tiles ---------------------------------------------------------------------------------------------------
+
+
+def read_tile_batch(slide: Slide, coords: list[TileCoord], transform: Callable) -> torch.Tensor:
+    """(b, 3, H, W): the very values of ``torch.stack([transform(read_tile(slide, c)) for c in coords])``, faster.
+
+    Adjacent grid tiles of a row that need no resampling are read as one strip (one decoder call instead of one per
+    tile, which is most of the cost of small tiles from DICOM), and tiles already at MuskTransform's size are
+    normalised as one uint8 batch instead of one PIL round trip each. Raises SlideError when the file is damaged.
+    """
+    return _model_input(_tile_pixels(slide, coords, transform))
+
+
+def _tile_pixels(slide: Slide, coords: list[TileCoord], transform: Callable) -> torch.Tensor:
+    """The tiles as one uint8 (b, H, W, 3) batch when they are at MuskTransform's size (normalised later, where the
+    batch is used: it travels between processes and to a GPU at a quarter of the float size); otherwise the
+    transformed float (b, 3, H, W) batch."""
+    if getattr(slide, "image_boxes", None) is not None:  # a folder of tile images: each tile is read on its own
+        tiles = [read_tile(slide, c) for c in coords]
+    else:
+        tiles, i = [], 0
+        while i < len(coords):
+            c, extent = coords[i], region_extent(slide, coords[i])
+            if extent != c.size:
+                tiles.append(read_tile(slide, c))
+                i += 1
+                continue
+            run = 1
+            while run < _MAX_RUN and i + run < len(coords) and coords[i + run] == TileCoord(
+                c.level, c.x + run * extent, c.y, c.size, c.mpp
+            ):
+                run += 1
+            strip = slide.read_region(c.level, c.x, c.y, run * extent, extent)
+            tiles += [strip[:, k * extent : (k + 1) * extent] for k in range(run)]
+            i += run
+    size = getattr(transform, "img_size", None)
+    if isinstance(transform, MuskTransform) and all(t.shape == (size, size, 3) for t in tiles):
+        return torch.from_numpy(np.stack(tiles))
+    return torch.stack([transform(np.ascontiguousarray(t)) for t in tiles])
+
+
+def _model_input(batch: torch.Tensor) -> torch.Tensor:
+    """MuskTransform's normalisation of a uint8 (b, H, W, 3) batch, on the batch's device (resizing and cropping
+    are no-ops at the model's size); a float batch is already transformed."""
+    if batch.dtype != torch.uint8:
+        return batch
+    x = batch.permute(0, 3, 1, 2).contiguous().float()  # reorder the bytes, not the floats: 4x less to move
+    mean = torch.tensor(MUSK_MEAN, device=batch.device).view(1, 3, 1, 1)
+    std = torch.tensor(MUSK_STD, device=batch.device).view(1, 3, 1, 1)
+    return x.div_(255.0).sub_(mean).div_(std)
+
+
+class SlideTileBatches(torch.utils.data.Dataset):
+    """Batches of tiles of one slide, for a DataLoader with ``batch_size=None``: item ``i`` holds tiles
+    ``i * batch_size ...`` as uint8 pixels or transformed floats (see ``_tile_pixels``).
+
+    The slide is opened lazily, once per process, so each DataLoader worker reads through its own handle. A slide
+    error is returned as the item (not raised) so that the main process re-raises it unchanged; a worker would
+    otherwise wrap it in its traceback text.
+    """
+
+    def __init__(self, path: str | Path, coords: list[TileCoord], transform: Callable, batch_size: int):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.path, self.coords, self.transform, self.batch_size = str(path), list(coords), transform, batch_size
+        self._slide: Slide | None = None
+
+    def __len__(self) -> int:
+        return -(-len(self.coords) // self.batch_size)
+
+    def __getitem__(self, index: int) -> torch.Tensor | SiteDataError:
+        chunk = self.coords[index * self.batch_size : (index + 1) * self.batch_size]
+        try:
+            if self._slide is None:
+                self._slide = open_slide(self.path)
+            return _tile_pixels(self._slide, chunk, self.transform)
+        except SiteDataError as err:
+            return err
+
+    def close(self) -> None:
+        if self._slide is not None:
+            self._slide.close()
+            self._slide = None
+
+    def __getstate__(self) -> dict:  # never ship an open handle to a worker
+        return {**self.__dict__, "_slide": None}
+
+
+def iter_tile_batches(
+    slide: Slide | str | Path,
+    coords: list[TileCoord],
+    transform: Callable,
+    batch_size: int,
+    num_workers: int = 0,
+    device: torch.device | str | None = None,
+) -> Iterator[torch.Tensor]:
+    """(b, 3, H, W) batches of ``transform(read_tile(slide, c))`` in the order of ``coords`` (see read_tile_batch),
+    on ``device`` (default: the CPU).
+
+    ``slide`` is an open Slide (read in this process) or a slide path; with a path and ``num_workers > 0``,
+    ``num_workers`` DataLoader processes read the tiles, each through its own handle. Raises SlideError (naming the
+    file) when the slide cannot be read, also when a reader process dies on a damaged file.
+    """
+    device = torch.device(device or "cpu")
+    for batch in _raw_batches(slide, coords, transform, batch_size, num_workers, device.type == "cuda"):
+        yield _model_input(batch.to(device, non_blocking=True))
+
+
+def _raw_batches(slide, coords, transform, batch_size: int, num_workers: int, pin_memory: bool):
+    if isinstance(slide, Slide) or num_workers == 0:
+        own = None if isinstance(slide, Slide) else open_slide(slide)
+        source = slide if own is None else own
+        try:
+            for start in range(0, len(coords), batch_size):
+                yield _tile_pixels(source, coords[start : start + batch_size], transform)
+        finally:
+            if own is not None:
+                own.close()
+        return
+    if not coords:
+        return
+    dataset = SlideTileBatches(slide, coords, transform, batch_size)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=None, shuffle=False, num_workers=num_workers, pin_memory=pin_memory,
+        prefetch_factor=2, collate_fn=_keep,
+    )  # fmt: skip
+    batches = iter(loader)
+    while True:
+        try:
+            item = next(batches)
+        except StopIteration:
+            return
+        except RuntimeError as err:  # a worker killed by a crash in a native decoder
+            raise SlideError(f"a tile reader process failed while decoding this slide; the file is probably "
+                             f"damaged ({err})", path=slide) from err  # fmt: skip
+        if isinstance(item, SiteDataError):
+            raise item
+        yield item
+
+
+def _keep(item):
+    return item
 
 
 @torch.no_grad()
-def embed_tiles(model, slide, coords: list[TileCoord], transform, batch_size: int, ms_aug: bool) -> torch.Tensor:
-    """Raw CLS features (no head, no norm) of each tile: (n, dim), or (n, 2 * dim) with multi-scale features."""
+def embed_tiles(
+    model,
+    slide: Slide | str | Path,
+    coords: list[TileCoord],
+    transform,
+    batch_size: int,
+    ms_aug: bool,
+    num_workers: int = 0,
+    on_tiles: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """Raw CLS features (no head, no norm) of each tile: (n, dim), or (n, 2 * dim) with multi-scale features.
+
+    ``slide`` is an open Slide or a path (needed for ``num_workers > 0``, see :func:`iter_tile_batches`);
+    ``on_tiles(k)`` is called after each batch of ``k`` tiles. Raises SlideError when the slide cannot be read.
+    """
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     out = []
-    for batch in iter_tile_batches(slide, coords, transform, batch_size):
-        feats, _ = model(image=batch.to(device, dtype), with_head=False, out_norm=False, ms_aug=ms_aug)
+    for batch in iter_tile_batches(slide, coords, transform, batch_size, num_workers, device):
+        feats, _ = model(image=batch.to(dtype), with_head=False, out_norm=False, ms_aug=ms_aug)
         out.append(feats.float().cpu())
+        if on_tiles is not None:
+            on_tiles(batch.shape[0])
     dim = model.config.embed_dim * (2 if ms_aug else 1)
     return torch.cat(out) if out else torch.zeros(0, dim)
+
+
+# -- preparing slides ------------------------------------------------------------------------------------------------
 
 
 def prepare_slide(
@@ -139,19 +332,35 @@ def prepare_slide(
     transform=None,
     batch_size: int = 32,
     ms_aug: bool = False,
+    *,
+    num_workers: int = 0,
+    on_tiles: Callable[[int], None] | None = None,
 ) -> tuple[bool, int]:
-    """Tile (and embed) one slide unless its cache is current. Returns (was_done_now, number_of_tiles).
+    """Tile (and, with a model, embed) one slide unless its cache is current. Returns (was_done_now, tiles).
 
-    Raises SiteDataError (SlideError) when the slide cannot be read.
+    Tiles only (``model=None``): an entry cut with the same tiling is current, and its features are kept.
+    With a model, coordinates of an entry with the same tiling are reused and only the features are computed.
+    ``on_tiles(k)`` reports progress in tiles. Raises SiteDataError (SlideError) when the slide cannot be read.
     """
     cached = read_cache(site_root, relative_slide)
-    if cached is not None and cached.fingerprint == fingerprint:
+    if is_current(cached, fingerprint, tiling, features=model is not None):
         return False, cached.coords.shape[0]
-    with open_slide(Path(site_root) / relative_slide) as slide:
-        coords = tile_grid(slide, tiling.target_mpp, tiling.tile_size, tiling.min_tissue)
-        features = embed_tiles(model, slide, coords, transform, batch_size, ms_aug) if model is not None else None
+    path = Path(site_root) / relative_slide
+    coords = None
+    if cached is not None and cached.tiling == tiling_fingerprint(tiling):
+        coords = cached.tile_coords()
+    features = None
+    with open_slide(path) as slide:
+        if coords is None:
+            coords = tile_grid(slide, tiling.target_mpp, tiling.tile_size, tiling.min_tissue)
+        if model is not None and num_workers == 0:
+            features = embed_tiles(model, slide, coords, transform, batch_size, ms_aug, on_tiles=on_tiles)
+    if model is not None and num_workers > 0:  # workers open the slide themselves; this handle is closed first
+        features = embed_tiles(model, path, coords, transform, batch_size, ms_aug, num_workers, on_tiles)
+    if model is None and on_tiles is not None:
+        on_tiles(len(coords))
     table = torch.tensor([[c.level, c.x, c.y, c.size] for c in coords], dtype=torch.int64).reshape(-1, 4)
-    _write_cache(site_root, relative_slide, table, features, fingerprint, tiling.target_mpp)
+    _write_cache(site_root, relative_slide, table, features, fingerprint, tiling)
     return True, len(coords)
 
 
@@ -164,20 +373,50 @@ def prepare_site(
     batch_size: int = 32,
     ms_aug: bool = False,
     progress: Callable[[str], None] | None = None,
+    *,
+    num_workers: int = 0,
+    on_tiles: Callable[[int], None] | None = None,
 ) -> PrepareResult:
     """Prepare every slide in ``slides`` (paths relative to the site root); a slide that fails is recorded with its
-    reason and the others go on."""
+    reason (paths inside it relative to the site root) and the others go on.
+
+    ``progress(message)`` is called after each slide with an identifier-free message ("slide 3 of 10");
+    ``on_tiles(k)`` after every ``k`` tiles read. ``num_workers`` DataLoader processes read tiles for embedding.
+    """
     fingerprint = model_fingerprint(model, ms_aug, tiling)
     result = PrepareResult()
-    for rel in slides:
+    for i, rel in enumerate(slides, 1):
+        counted = 0
+
+        def count(k: int) -> None:
+            nonlocal counted
+            counted += k
+            if on_tiles is not None:
+                on_tiles(k)
+
         try:
-            done, n = prepare_slide(site_root, rel, tiling, fingerprint, model, transform, batch_size, ms_aug)
+            done, n = prepare_slide(site_root, rel, tiling, fingerprint, model, transform, batch_size, ms_aug,
+                                    num_workers=num_workers, on_tiles=count)  # fmt: skip
         except SiteDataError as err:
-            result.failed.append((rel, err.message if hasattr(err, "message") else str(err)))
+            result.failed.append((rel, _reason(site_root, rel, err)))
         else:
             (result.prepared if done else result.up_to_date).append(rel)
             result.tiles += n
+            result.tiles_computed += n if done else 0
         if progress is not None:
-            progress(rel)
+            progress(f"slide {i} of {len(slides)}")
     return result
 
+
+def _reason(site_root: Path, slide: str, err: SiteDataError) -> str:
+    """The error's message with paths relative to the site root, naming the file inside a slide folder (one file
+    of a DICOM series, say) when that is where the problem is."""
+    roots = {str(Path(site_root)).rstrip("/\\"), str(Path(site_root).resolve()).rstrip("/\\")}
+    message = err.message
+    for root in roots:
+        message = message.replace(root + "/", "").replace(root + "\\", "")
+    try:
+        where = Path(err.path).resolve().relative_to(Path(site_root).resolve()).as_posix() if err.path else None
+    except (ValueError, OSError):
+        where = None
+    return f"{where}: {message}" if where and where != slide else message

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from fedmusk.config import FedMuskConfig
+from fedmusk.data.prepare import TilingSettings
 from fedmusk.musk_model.heads import (
     CaseFusion,
     ResponseHead,
@@ -90,7 +91,7 @@ class OutcomeTrainer:
         self.model.to(self.device)
         if t.features == "end2end":
             self.model.base_model.model.set_activation_checkpointing(True)
-            self.tiles = TileReader(base_model.config.img_size, _tiling(cfg))
+            self.tiles = TileReader(base_model.config.img_size, TilingSettings.from_config(cfg.data))
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
         self.generator = torch.Generator().manual_seed(cfg.seed)
@@ -241,9 +242,3 @@ def _times_inside_followup(times, test_time, train_time) -> np.ndarray:
         return np.zeros(0, dtype=bool)
     limit = test_time.max() if train_time is None else min(test_time.max(), train_time.max())
     return np.asarray(times) < limit
-
-
-def _tiling(cfg: FedMuskConfig):
-    from fedmusk.data.prepare import TilingSettings
-
-    return TilingSettings(cfg.data.target_mpp, cfg.data.tile_size, cfg.data.min_tissue)

@@ -16,6 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from fedmusk.config import FedMuskConfig, to_yaml
 from fedmusk.musk_model.lora import save_adapter
+from fedmusk.runtime import check_model_config
 from fedmusk.training.plots import plot_kaplan_meier, plot_roc, plot_round_curves
 from fedmusk.training.site import SiteSession
 
@@ -31,6 +32,7 @@ def run_train(
 ) -> dict:
     """Train on ``site_roots`` pooled, keep the epoch with the best validation score, evaluate on the test cases."""
     console = console or Console(stderr=True)
+    check_model_config(cfg.model)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.yaml").write_text(to_yaml(cfg))

@@ -21,10 +21,6 @@ from fedmusk.training.outcome import OutcomeTrainer
 StateDict = dict[str, torch.Tensor]
 
 
-def tiling_of(cfg: FedMuskConfig) -> TilingSettings:
-    return TilingSettings(cfg.data.target_mpp, cfg.data.tile_size, cfg.data.min_tissue)
-
-
 class SiteSession:
     """Outcome training on the cases of ``site_roots`` (one hospital, or several pooled for a centralized baseline).
 
@@ -51,7 +47,7 @@ class SiteSession:
         if cfg.train.fusion != "report":
             # cached: tile features of the frozen base model; end2end: the tile grid only (pixels are read live)
             embedder = base if cfg.train.features == "cached" else None
-            features = FeatureStore(embedder, tiling_of(cfg), cfg.model.ms_aug, cfg.data.batch_size, progress)
+            features = FeatureStore(embedder, TilingSettings.from_config(cfg.data), cfg.model.ms_aug, cfg.data.batch_size, progress)
             for case in cases:
                 features.ensure(case.site_root, case.slides)
         self.trainer = OutcomeTrainer(cfg, base, load_tokenizer(cfg.model), features, self.device)
