@@ -33,8 +33,10 @@ demo: $(STAMP)
 test: $(STAMP) $(REAL_SVS)
 	$(BIN)/python -m pytest -q
 
-bench: $(STAMP)
+bench: $(STAMP) $(REAL_SVS)
 	$(BIN)/python benchmarks/bench_model.py
+	$(BIN)/python benchmarks/bench_data.py
+	$(BIN)/python benchmarks/bench_train.py
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache

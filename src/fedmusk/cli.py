@@ -179,6 +179,31 @@ def _run_synth(fn, *args, **kwargs):
         _fail(str(err))
 
 
+@app.command()
+def simulate(
+    config: Annotated[Path, typer.Argument(help="YAML configuration (see configs/).")],
+    site: SiteRoots,
+    out: Annotated[Path, typer.Option("--out", help="Output folder: summary.json, checkpoints, MLflow store, adapter.")],
+    overrides: Overrides = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the last completed round in --out.")] = False,
+) -> None:
+    """Run a federation on this machine: one simulated hospital per site folder, Flower's simulation engine."""
+    from fedmusk.federation import run_simulation_from_config
+    from fedmusk.server.rounds import RoundFailed
+
+    cfg = _run(_load, [config], overrides)
+    try:
+        summary = _run(run_simulation_from_config, cfg, site, out, resume)
+    except RoundFailed as err:
+        _fail(f"the federation stopped: {err}", code=1)
+    pooled = summary["test"]["pooled"]
+    console.print(
+        f"{summary['rounds_completed']} rounds, {summary['strategy']}, secure aggregation "
+        f"{'on' if summary['secure_aggregation'] else 'off'}; test C-index {_num(pooled.get('c_index'))}, "
+        f"AUROC {_num(pooled.get('auc'))}; summary in {out / 'summary.json'}"
+    )
+
+
 def _num(value) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
