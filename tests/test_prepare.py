@@ -16,15 +16,14 @@ from fedmusk.data.manifest import read_manifest
 from fedmusk.data.prepare import (
     TilingSettings,
     cache_dir,
-    iter_tile_batches,
     model_fingerprint,
-    read_tile_batch,
     prepare_site,
     read_cache,
     slide_key,
 )
 from fedmusk.data.prepare_cli import run_prepare
 from fedmusk.data.slides import open_slide
+from fedmusk.data.tile_loader import iter_tile_batches, read_tile_batch
 from fedmusk.data.tiles import read_tile, tile_grid
 from fedmusk.musk_model import musk_transform
 from fedmusk.runtime import load_model

@@ -1,7 +1,6 @@
 """The coordinator's records: MLflow runs (config, rounds, artifacts, resume) and round checkpoints."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys

@@ -227,10 +227,12 @@ def metrics_for(pred: Predictions, cfg: FedMuskConfig, train_cases: list[CaseRec
         train_time = np.array([c.time for c in train_cases])
         train_event = np.array([c.event for c in train_cases])
     inside = _times_inside_followup(pred.eval_times, pred.time, train_time)
+    # The integrated Brier score needs survival curves at two or more times inside the follow-up.
+    brier = pred.survival is not None and inside.sum() >= 2
     m = survival_metrics(
         pred.time, pred.event, pred.risk,
-        survival_prob=None if pred.survival is None else pred.survival[:, inside],
-        times=None if pred.eval_times is None else pred.eval_times[inside],
+        survival_prob=pred.survival[:, inside] if brier else None,
+        times=pred.eval_times[inside] if inside.any() else None,
         train_time=train_time, train_event=train_event, n_boot=n_boot, seed=seed,
     )
     return {**m, "auc": None}
