@@ -102,7 +102,8 @@ class FederationConfig:
     secure_aggregation: bool = True  # SecAgg+; false = plain mode (needed for robust aggregation)
     secagg_num_shares: int = 3  # must be odd
     secagg_reconstruction_threshold: int = 2
-    secagg_clipping_range: float = 8.0  # updates are clipped to +-this before quantisation
+    secagg_clipping_range: float = 1.0  # weighted updates must stay within +-this (adapter deltas are far smaller)
+    secagg_weight_cap: int = 1024  # training cases that give a site full weight; set near the sites' real sizes
     secagg_quantization_range: int = 4194304
     fraction: float = 1.0  # share of connected sites asked each round
     min_sites: int = 2  # sites that must be connected before a round starts

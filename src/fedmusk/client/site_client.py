@@ -1,0 +1,418 @@
+"""A site's part in a federated round, without Flower: train on the global adapter, decide what may leave, pack it.
+
+``SiteClient.fit`` is one round at one hospital: load the global adapter (plus, for FedSA, the site's own B factors
+and heads kept from its last round), train ``federation.local_epochs`` epochs (FedProx when ``proximal_mu`` > 0),
+take the update ``new - global``, keep what the strategy says stays home, clip it for DP when configured, let the
+site policy refuse or clip it, and pack what is sent: under SecAgg+ the update pre-multiplied by the site's weight
+plus the weight itself (``prepare_for_secure_sum``), reported with ``num_examples=1`` so that the example count
+never travels in the clear. Every send and refusal is written to the site's audit log first.
+
+Everything random in a round (batch order, tile bags, dropout, and SecAgg+'s stochastic rounding, which draws from
+numpy's global generator right after ``fit`` returns) is seeded from ``(seed, site name, round)``: a round replayed
+after a coordinator restart sends exactly the same update.
+
+This module also holds the wire contract that the coordinator shares: the run-config keys, the node-config keys and
+``AdapterLayout``, the fixed order in which adapter tensors travel as arrays.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from fedmusk.client.audit import AuditLog
+from fedmusk.client.policy import EgressRefused, SitePolicy
+from fedmusk.config import ConfigError, FedMuskConfig, load_config
+from fedmusk.data.scrub import Scrubber
+from fedmusk.runtime import seed_everything
+from fedmusk.strategies.aggregation import (
+    SECURE_SUM_WEIGHT_KEY,
+    SHARED_ROLES,
+    StateDict,
+    partition,
+    prepare_for_secure_sum,
+    proximal_term,
+    state_delta,
+    tensor_role,
+)
+from fedmusk.strategies.privacy import clip_update
+
+# --- the run configuration (set by the coordinator) and node configuration (set by the site) -------------------
+
+RUN_CONFIG = "fedmusk-config"  # the resolved configuration as YAML (run-config values are scalars)
+RUN_SITE_ROOTS = "site-roots"  # simulation only: JSON list of site folders, indexed by the node's partition-id
+RUN_OUT_DIR = "out-dir"  # the coordinator's output folder (checkpoints, MLflow store)
+RUN_RESUME = "resume"  # continue from the last checkpoint in out-dir
+
+NODE_SITE_ROOT = "site-root"  # the site folder
+NODE_POLICY = "policy"  # the site's policy file; default <site folder>/site-policy.yaml when present
+NODE_SITE_NAME = "site-name"  # the name the coordinator sees; default the policy's site_name or the folder name
+NODE_COORDINATOR = "coordinator"  # who the site believes it sends to, checked against allowed_recipients
+NODE_PARTITION = "partition-id"  # simulation only
+
+SITE_POLICY_FILE = "site-policy.yaml"
+LOCAL_STATE_DIR = Path(".fedmusk") / "federations"  # FedSA: B factors and heads that never leave the site
+
+# Under SecAgg+ a site's example count travels inside the masked sum as ``cases / cap``, with a public cap that
+# keeps the weight in (0, 1] (sites with more cases count as ``cap`` cases). The cap should be near the sites'
+# real counts: the unmasked mean is divided by the mean weight, so a cap far above them magnifies SecAgg+'s
+# quantisation error. ``federation.secagg_weight_cap`` sets it where the schema has that key.
+
+
+# What a site reports from an evaluation (with the confidence limits of each): case counts and the metrics.
+EVAL_METRICS = ("n", "n_events", "n_positive", "c_index", "c_index_uno", "td_auc", "ibs", "auc", "auprc")
+
+
+def config_from_yaml(text: str) -> FedMuskConfig:
+    """The configuration carried in a run config as YAML, validated against the schema like a file.
+
+    Raises ConfigError naming the key for unknown keys and bad values."""
+    fd, path = tempfile.mkstemp(suffix=".yaml", prefix="fedmusk-run-")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        return load_config([path])
+    except ConfigError as err:
+        raise ConfigError(str(err).replace(path, f"run config '{RUN_CONFIG}'")) from None
+    finally:
+        os.unlink(path)
+
+
+def config_from_run_config(run_config: Mapping[str, Any]) -> FedMuskConfig:
+    """The FedMuskConfig of a run; ConfigError when the run config lacks it."""
+    if RUN_CONFIG not in run_config or not str(run_config[RUN_CONFIG]).strip():
+        raise ConfigError(f"the run config has no '{RUN_CONFIG}' (the fedmusk configuration as YAML)")
+    return config_from_yaml(str(run_config[RUN_CONFIG]))
+
+
+@dataclass(frozen=True)
+class SiteAddress:
+    """Where a SuperNode's site lives and what it calls itself, from its node config (simulation: run config)."""
+
+    root: Path
+    policy: Path | None
+    name: str | None
+    recipient: str | None
+
+
+def site_address(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> SiteAddress:
+    """The site of this node: ``site-root`` from the node config, or in simulation the ``partition-id``-th entry of
+    the run config's ``site-roots``. Raises ConfigError saying which key is missing."""
+    if NODE_SITE_ROOT in node_config:
+        root = Path(str(node_config[NODE_SITE_ROOT]))
+    elif NODE_PARTITION in node_config and RUN_SITE_ROOTS in run_config:
+        roots = json.loads(str(run_config[RUN_SITE_ROOTS]))
+        index = int(node_config[NODE_PARTITION])
+        if not 0 <= index < len(roots):
+            raise ConfigError(f"node partition {index} has no entry in the run config's {len(roots)} site roots")
+        root = Path(roots[index])
+    else:
+        raise ConfigError(f"this SuperNode has no '{NODE_SITE_ROOT}' in its node config (--node-config)")
+    if not root.is_dir():
+        raise ConfigError(f"site folder {root} does not exist")
+    policy = node_config.get(NODE_POLICY)
+    if policy is None and (root / SITE_POLICY_FILE).is_file():
+        policy = root / SITE_POLICY_FILE
+    name = node_config.get(NODE_SITE_NAME)
+    recipient = node_config.get(NODE_COORDINATOR, "simulation" if NODE_PARTITION in node_config else None)
+    return SiteAddress(
+        root, None if policy is None else Path(str(policy)), None if name is None else str(name),
+        None if recipient is None else str(recipient),
+    )  # fmt: skip
+
+
+# --- what travels: adapter tensors as arrays in a fixed order ---------------------------------------------------
+
+
+class AdapterLayout:
+    """Tensor names and shapes in the order they travel as arrays (sorted names, as ``adapter_state`` gives them).
+
+    Coordinator and sites build the same layout from the same configuration; ``fingerprint`` lets a site check that
+    before it trains.
+    """
+
+    def __init__(self, names: Sequence[str], shapes: Sequence[tuple[int, ...]]):
+        if len(names) != len(shapes):
+            raise ValueError(f"{len(names)} names but {len(shapes)} shapes")
+        self.names = list(names)
+        self.shapes = [tuple(int(d) for d in s) for s in shapes]
+
+    @classmethod
+    def of(cls, state: Mapping[str, torch.Tensor]) -> AdapterLayout:
+        names = sorted(state)
+        return cls(names, [tuple(state[n].shape) for n in names])
+
+    @property
+    def fingerprint(self) -> str:
+        text = "\n".join(f"{n}:{list(s)}" for n, s in zip(self.names, self.shapes, strict=True))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def to_arrays(self, state: Mapping[str, torch.Tensor]) -> list[np.ndarray]:
+        """float32 numpy arrays in layout order; ValueError names a missing tensor or a wrong shape."""
+        arrays = []
+        for name, shape in zip(self.names, self.shapes, strict=True):
+            if name not in state:
+                raise ValueError(f"state lacks {name!r}")
+            value = state[name]
+            if tuple(value.shape) != shape:
+                raise ValueError(f"{name!r} has shape {tuple(value.shape)}, the layout says {shape}")
+            arrays.append(value.detach().cpu().to(torch.float32).numpy().copy())
+        return arrays
+
+    def from_arrays(self, arrays: Sequence[np.ndarray], dtype: torch.dtype = torch.float32) -> StateDict:
+        """The state dict of arrays in layout order; ValueError when their number or shapes do not fit."""
+        if len(arrays) != len(self.names):
+            raise ValueError(f"got {len(arrays)} arrays for a layout of {len(self.names)} tensors")
+        state = {}
+        for name, shape, array in zip(self.names, self.shapes, arrays, strict=True):
+            if tuple(array.shape) != shape:
+                raise ValueError(f"array for {name!r} has shape {tuple(array.shape)}, the layout says {shape}")
+            state[name] = torch.from_numpy(np.array(array, copy=True)).to(dtype)
+        return state
+
+    def update_layout(self, strategy: str, secure: bool) -> AdapterLayout:
+        """What a site sends in ``strategy``: the shared tensors, then under SecAgg+ the one-value weight."""
+        shared = SHARED_ROLES[strategy]
+        pairs = [(n, s) for n, s in zip(self.names, self.shapes, strict=True) if tensor_role(n) in shared]
+        if secure:
+            pairs.append((SECURE_SUM_WEIGHT_KEY, (1,)))
+        return AdapterLayout([n for n, _ in pairs], [s for _, s in pairs])
+
+
+def round_seed(seed: int, site: str, round: int) -> int:
+    """The seed of everything random in ``site``'s ``round``: a function of the run seed, site and round only."""
+    digest = hashlib.sha256(f"fedmusk-round:{seed}:{site}:{round}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")  # numpy's legacy seeding takes 32 bits
+
+
+def secure_weight_cap(cfg: FedMuskConfig) -> int:
+    """The public case count that maps to weight 1 in the secure sum."""
+    return int(cfg.federation.secagg_weight_cap)
+
+
+def secure_weight(train_cases: int, cap: int, dp: bool) -> float:
+    """A site's weight inside the secure sum: 1 under DP (counts are private there), else ``cases / cap`` capped
+    at 1. Raises ValueError for a site without training cases."""
+    if dp:
+        return 1.0
+    if train_cases < 1:
+        raise ValueError("this site has no training cases")
+    return min(train_cases / cap, 1.0)
+
+
+def scalar_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float | int]:
+    """The finite numbers of a metrics dict as Flower can carry them (scalars): confidence intervals [lo, hi]
+    become ``<key>_lo`` / ``<key>_hi``; None, nested dicts and other lists are left out."""
+    out: dict[str, float | int] = {}
+    for key, value in metrics.items():
+        if isinstance(value, bool) or value is None:
+            continue
+        if isinstance(value, int | float | np.integer | np.floating):
+            if math.isfinite(float(value)):
+                out[f"{prefix}{key}"] = value.item() if isinstance(value, np.generic) else value
+        elif isinstance(value, list | tuple) and len(value) == 2 and all(isinstance(v, int | float) for v in value):
+            out[f"{prefix}{key}_lo"], out[f"{prefix}{key}_hi"] = float(value[0]), float(value[1])
+    return out
+
+
+class FitReply(NamedTuple):
+    """What a site returns from a round: the arrays in ``update_layout`` order, the example count Flower sees
+    (1 under SecAgg+), and scrubbed scalar metrics."""
+
+    arrays: list[np.ndarray]
+    num_examples: int
+    metrics: dict[str, float | int | str]
+
+
+class SiteClient:
+    """One hospital in a federation: its training session, policy, audit log and FedSA local state.
+
+    ``session`` defaults to a ``SiteSession`` over ``site_root``, built on first use.
+    """
+
+    def __init__(
+        self,
+        cfg: FedMuskConfig,
+        site_root: str | os.PathLike,
+        policy: SitePolicy,
+        audit: AuditLog,
+        site_name: str | None = None,
+        recipient: str | None = None,
+        session=None,
+    ):
+        self.cfg = cfg
+        self.site_root = Path(site_root)
+        self.policy = policy
+        self.audit = audit
+        self.site_name = site_name or policy.site_name
+        self.recipient = recipient
+        self._session = session
+        self._scrubber: Scrubber | None = None
+        self._layout: AdapterLayout | None = None
+
+    @classmethod
+    def from_address(cls, cfg: FedMuskConfig, address: SiteAddress) -> SiteClient:
+        """The site client of a SuperNode: its policy file (or the default policy) and the policy's audit log."""
+        if address.policy is not None:
+            policy = SitePolicy.load(address.policy, address.root)
+        else:
+            policy = SitePolicy.default(address.root)
+        return cls(cfg, address.root, policy, AuditLog(policy.audit_log_path), address.name, address.recipient)
+
+    # -- parts built on first use ------------------------------------------------------------------------------------
+
+    @property
+    def session(self):
+        if self._session is None:
+            from fedmusk.training.site import SiteSession
+
+            self._session = SiteSession(self.cfg, [self.site_root])
+        return self._session
+
+    @property
+    def scrubber(self) -> Scrubber:
+        if self._scrubber is None:
+            self._scrubber = Scrubber.from_site(self.site_root)
+        return self._scrubber
+
+    @property
+    def layout(self) -> AdapterLayout:
+        """The layout of the global adapter as this site's model has it."""
+        if self._layout is None:
+            self._layout = AdapterLayout.of(self.session.adapter_state())
+        return self._layout
+
+    def scrub_error(self, err: BaseException) -> str:
+        """An error as it may leave the site: its type and scrubbed message."""
+        return f"site {self.site_name}: {type(err).__name__}: {self.scrubber.text(str(err))}"
+
+    # -- a round -----------------------------------------------------------------------------------------------------
+
+    def fit(self, global_state: Mapping[str, torch.Tensor], round: int, federation_id: str = "") -> FitReply:
+        """Train one round from ``global_state`` and return what leaves the site.
+
+        Raises EgressRefused (after recording the refusal in the audit log) when the site policy refuses the
+        update, ValueError when a secure-sum value would exceed ``secagg_clipping_range``.
+        """
+        fed = self.cfg.federation
+        start = self.adapter_for_round(global_state, round, federation_id)
+        self._begin_round(round)
+        self.session.load_adapter_state(start)
+        proximal = None
+        if fed.proximal_mu > 0:
+            proximal = _proximal_to_current(self.session.trainer.model, fed.proximal_mu)
+        train = self.session.train(fed.local_epochs, proximal)
+        trained = self.session.adapter_state()
+        shared, _ = partition(state_delta(trained, start), fed.strategy)
+        if fed.dp_clip > 0:
+            shared, _ = clip_update(shared, fed.dp_clip)  # the norm before clipping stays here
+        try:
+            released = self.policy.enforce(shared, round, self.recipient)
+        except EgressRefused as refusal:
+            self.audit.record_refusal(federation_id, round, self.recipient, refusal.reasons)
+            raise
+        cases = self.session.num_train_cases
+        if fed.secure_aggregation:
+            weight = secure_weight(cases, secure_weight_cap(self.cfg), dp=fed.dp_noise_multiplier > 0)
+            wire = prepare_for_secure_sum(released, weight, fed.secagg_clipping_range)
+            num_examples = 1  # the count travels masked, inside the sum
+        else:
+            wire, num_examples = released, cases
+        layout = self.layout.update_layout(fed.strategy, fed.secure_aggregation)
+        arrays = layout.to_arrays(wire)
+        self.audit.record_send(federation_id, round, self.recipient, {n: wire[n] for n in layout.names})
+        if fed.strategy == "fedsa":
+            _, local = partition(trained, "fedsa")
+            save_local_state(self.site_root, federation_id, round, local)
+        metrics = scalar_metrics(self.scrubber.metrics({"loss": train.get("loss")}))
+        return FitReply(arrays, int(num_examples), {"site": self.site_name, **metrics})
+
+    def evaluate(
+        self, global_state: Mapping[str, torch.Tensor], round: int = 0, federation_id: str = ""
+    ) -> tuple[int, dict[str, float | int | str]]:
+        """Validation and test metrics of the adapter this site would use now (FedSA: the global A with its own B
+        and heads): ``(validation cases, {"site", "val_c_index", "val_auc", "test_c_index", ...})``."""
+        state = self.adapter_for_round(global_state, round + 1, federation_id)
+        self.session.load_adapter_state(state)
+        metrics: dict[str, float | int | str] = {"site": self.site_name}  # the operator's public name
+        n_val = 0
+        for split in ("val", "test"):
+            result = self.session.evaluate(split)
+            shared = {k: v for k, v in result.items() if k.removesuffix("_ci") in EVAL_METRICS}
+            metrics.update(scalar_metrics(self.scrubber.metrics(shared), prefix=f"{split}_"))
+            if split == "val":
+                n_val = int(result.get("n", 0))
+        return n_val, metrics
+
+    # -- helpers -----------------------------------------------------------------------------------------------------
+
+    def _begin_round(self, round: int) -> None:
+        """Make the round a function of (seed, site, round): reseed every generator, forget optimiser moments."""
+        trainer = self.session.trainer  # built first: building a session reseeds the global generators
+        seed = round_seed(self.cfg.seed, self.site_name, round)
+        seed_everything(seed)
+        trainer.generator.manual_seed(seed)
+        trainer.optimizer.state.clear()
+
+    def adapter_for_round(
+        self, global_state: Mapping[str, torch.Tensor], round: int, federation_id: str
+    ) -> StateDict:
+        """The adapter this site starts ``round`` from: the global state, with FedSA's site-local tensors (B factors,
+        heads) replaced by the site's own from its latest earlier round (none yet: the shared initialisation)."""
+        state = {k: v.clone() for k, v in global_state.items()}
+        if self.cfg.federation.strategy == "fedsa":
+            local = latest_local_state(self.site_root, federation_id, before_round=round)
+            if local is not None:
+                unknown = sorted(set(local) - set(state))
+                if unknown:
+                    raise ValueError(f"saved local state holds tensors the global adapter lacks: {unknown[:3]}")
+                state.update(local)
+        return state
+
+
+def local_state_path(site_root: str | os.PathLike, federation_id: str, round: int) -> Path:
+    """Where FedSA keeps a site's local tensors after ``round`` of a federation (inside the site folder)."""
+    return Path(site_root) / LOCAL_STATE_DIR / (federation_id or "default") / f"round-{round:04d}.safetensors"
+
+
+def save_local_state(site_root: str | os.PathLike, federation_id: str, round: int, local: StateDict) -> Path:
+    path = local_state_path(site_root, federation_id, round)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in local.items()}, str(tmp))
+    os.replace(tmp, path)
+    return path
+
+
+def latest_local_state(site_root: str | os.PathLike, federation_id: str, before_round: int) -> StateDict | None:
+    """The local state saved by the latest round before ``before_round`` (a replayed round never sees its own),
+    or None when the site has none yet."""
+    folder = local_state_path(site_root, federation_id, 0).parent
+    if not folder.is_dir():
+        return None
+    earlier = sorted(
+        p for p in folder.glob("round-*.safetensors") if int(p.stem.removeprefix("round-")) < before_round
+    )
+    return load_file(str(earlier[-1])) if earlier else None
+
+
+def _proximal_to_current(model: torch.nn.Module, mu: float):
+    """FedProx's term against the trainable parameters as they are now (the round's starting point)."""
+    reference = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    def proximal(current_model: torch.nn.Module) -> torch.Tensor:
+        current = {n: p for n, p in current_model.named_parameters() if n in reference}
+        return proximal_term(current, reference, mu)
+
+    return proximal

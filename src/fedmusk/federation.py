@@ -1,0 +1,191 @@
+"""``fedmusk simulate``: a whole federation on one machine, one Flower SuperNode per site folder.
+
+The coordinator (ServerApp) and the sites (ClientApps) are the same code that runs in a deployment; Flower's
+simulation runtime only replaces the network. Afterwards the driver, which unlike a coordinator may read every
+site, tests the final adapter on every site's test cases and writes ``<out>/summary.json`` (docs/federation.md
+lists its fields).
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before flwr and ray are imported: no usage statistics leave the machine.
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import json  # noqa: E402
+import math  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from fedmusk.client.site_client import (  # noqa: E402
+    NODE_PARTITION,
+    RUN_CONFIG,
+    RUN_OUT_DIR,
+    RUN_RESUME,
+    RUN_SITE_ROOTS,
+    SiteClient,
+    site_address,
+)
+from fedmusk.config import ConfigError, FedMuskConfig, to_yaml  # noqa: E402
+from fedmusk.server.checkpoint import list_rounds, load_latest  # noqa: E402
+from fedmusk.server.rounds import CHECKPOINT_DIR, ROUNDS_FILE, check_federation_config  # noqa: E402
+from fedmusk.strategies.aggregation import secure_sum_error_bound  # noqa: E402
+
+SUMMARY_FILE = "summary.json"
+
+
+def run_simulation_from_config(
+    cfg: FedMuskConfig, site_roots: Sequence[str | os.PathLike], out_dir: str | os.PathLike, resume: bool = False
+) -> dict[str, Any]:
+    """Run ``cfg.federation.rounds`` rounds over ``site_roots`` (resume: continue from the last checkpoint in
+    ``out_dir``), then test the final adapter and write ``<out_dir>/summary.json``; returns the summary.
+
+    Raises ConfigError for settings that cannot work, and RoundFailed (from the coordinator) when a round fails.
+    """
+    from flwr.simulation import run_simulation
+
+    from fedmusk.client.client_app import build_client_app
+    from fedmusk.server.server_app import ADAPTER_DIR, build_server_app
+
+    roots = [Path(r).resolve() for r in site_roots]
+    if len(roots) < cfg.federation.min_sites:
+        raise ConfigError(f"{len(roots)} site folders given, but federation.min_sites is {cfg.federation.min_sites}")
+    out = Path(out_dir).resolve()
+    check_federation_config(cfg)
+    has_checkpoints = bool(list_rounds(out / CHECKPOINT_DIR))
+    if has_checkpoints and not resume:
+        raise ConfigError(f"{out} already holds a federation's checkpoints: resume it or choose another folder")
+    if resume and not has_checkpoints:
+        raise ConfigError(f"cannot resume: {out / CHECKPOINT_DIR} holds no complete checkpoint")
+    out.mkdir(parents=True, exist_ok=True)
+    run_config = {
+        RUN_CONFIG: to_yaml(cfg), RUN_SITE_ROOTS: json.dumps([str(r) for r in roots]), RUN_OUT_DIR: str(out),
+        RUN_RESUME: bool(resume),
+    }  # fmt: skip
+    started = time.monotonic()
+    run_simulation(
+        server_app=build_server_app(run_config),
+        client_app=build_client_app(run_config),
+        num_supernodes=len(roots),
+        backend_config=simulation_backend(cfg, len(roots)),
+    )
+    seconds = time.monotonic() - started
+    summary = summarize(cfg, roots, out, run_config, seconds, out / ADAPTER_DIR)
+    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1, default=_json_default) + "\n")
+    return summary
+
+
+def simulation_backend(cfg: FedMuskConfig, n_sites: int) -> dict[str, Any]:
+    """Ray settings: this machine's cores shared by the sites (one core per running site), the GPU split between
+    them, no dashboard."""
+    import torch
+
+    cpus = os.cpu_count() or 1
+    use_gpu = cfg.device != "cpu" and torch.cuda.is_available()
+    return {
+        "client_resources": {"num_cpus": 1, "num_gpus": (1.0 / n_sites) if use_gpu else 0.0},
+        "init_args": {"num_cpus": cpus, "include_dashboard": False},
+    }
+
+
+def summarize(
+    cfg: FedMuskConfig, roots: list[Path], out: Path, run_config: dict, seconds: float, adapter_dir: Path
+) -> dict[str, Any]:
+    """The run's summary: rounds from ``rounds.json``, the final checkpoint's identity, and the test metrics of the
+    final adapter on every site (each site with the adapter it would use) and pooled over all sites."""
+    fed = cfg.federation
+    ckpt = load_latest(out / CHECKPOINT_DIR)
+    if ckpt is None:
+        raise RuntimeError(f"the federation finished without a checkpoint in {out / CHECKPOINT_DIR}")
+    rounds = json.loads((out / ROUNDS_FILE).read_text())
+    test = final_test(cfg, roots, run_config, ckpt.global_state, ckpt.round, ckpt.extra["federation_id"])
+    bytes_up = [r["bytes_up_per_client"] for r in rounds]
+    summary: dict[str, Any] = {
+        "strategy": fed.strategy,
+        "secure_aggregation": fed.secure_aggregation,
+        "rounds_completed": ckpt.round,
+        "sites": list(test["per_site"]),
+        "federation_id": ckpt.extra["federation_id"],
+        "rounds": rounds,
+        "test": test,
+        "bytes_up_per_client_round": sum(bytes_up) / len(bytes_up) if bytes_up else 0.0,
+        "bytes_down_per_round": sum(r["bytes_down"] for r in rounds) / len(rounds) if rounds else 0.0,
+        "tracking_uri": ckpt.extra.get("tracking_uri"),
+        "run_id": ckpt.extra["mlflow_run_id"],
+        "adapter": str(adapter_dir),
+        "checkpoint": str(ckpt.path),
+        "seconds": seconds,
+    }
+    if fed.secure_aggregation:
+        summary["secagg"] = {
+            "clipping_range": fed.secagg_clipping_range,
+            "quantization_range": fed.secagg_quantization_range,
+            "num_shares": fed.secagg_num_shares,
+            "reconstruction_threshold": fed.secagg_reconstruction_threshold,
+            # worst-case error of one coordinate of the unmasked sum over these sites
+            "sum_error_bound": secure_sum_error_bound(
+                fed.secagg_clipping_range, fed.secagg_quantization_range, len(roots)
+            ),
+        }
+    if fed.dp_noise_multiplier > 0:
+        eps = [r["dp_epsilon"] for r in rounds if r.get("dp_epsilon") is not None]
+        summary["dp"] = {
+            "epsilon": eps[-1] if eps else None, "delta": fed.dp_delta,
+            "noise_multiplier": fed.dp_noise_multiplier, "clip": fed.dp_clip,
+        }  # fmt: skip
+    return summary
+
+
+def final_test(
+    cfg: FedMuskConfig, roots: list[Path], run_config: dict, global_state, round: int, federation_id: str
+) -> dict[str, Any]:
+    """Test metrics of the final adapter: ``per_site`` (each site's test cases with the adapter that site uses:
+    the global one, under FedSA the global A with the site's own B and heads) and ``pooled`` (all sites' test cases
+    together, IPCW weights from all training cases)."""
+    from fedmusk.training.outcome import Predictions
+
+    per_site: dict[str, dict] = {}
+    predictions: list[Predictions] = []
+    train_cases = []
+    for i, _ in enumerate(roots):
+        site = SiteClient.from_address(cfg, site_address({NODE_PARTITION: i}, run_config))
+        session = site.session
+        session.load_adapter_state(site.adapter_for_round(global_state, round + 1, federation_id))
+        pred = session.trainer.predict(session.splits["test"])
+        per_site[site.site_name] = _metrics_or_reason(pred, cfg, session.splits["train"])
+        predictions.append(pred)
+        train_cases += session.splits["train"]
+    pooled = Predictions(
+        cases=[c for p in predictions for c in p.cases],
+        risk=np.concatenate([p.risk for p in predictions]),
+        survival=None if predictions[0].survival is None else np.concatenate([p.survival for p in predictions]),
+        eval_times=predictions[0].eval_times,
+    )
+    return {"pooled": _metrics_or_reason(pooled, cfg, train_cases), "per_site": per_site}
+
+
+def _metrics_or_reason(pred, cfg: FedMuskConfig, train_cases) -> dict[str, Any]:
+    from fedmusk.training.outcome import metrics_for
+
+    try:
+        return metrics_for(pred, cfg, train_cases)
+    except ValueError as err:  # too few test cases for a metric: say so instead of losing the whole summary
+        return {"n": len(pred.cases), "error": str(err)}
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    raise TypeError(f"not JSON-able: {type(value).__name__}")

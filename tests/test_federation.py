@@ -1,0 +1,362 @@
+"""Federated rounds: SecAgg+ against plain aggregation, FFA-LoRA exactness, dropouts, halts and resume.
+
+The simulations run the real ServerApp and ClientApps under Flower's simulation runtime (Ray, in this process's
+machine) on a tiny synthetic cohort of 3 sites. Per-site updates are recomputed here, outside Flower, from the
+checkpointed global states: a site's round is a function of (seed, site, round), and the sites' audit logs hold
+the sha256 of exactly what they sent, so the test can check the coordinator against the sites' own records.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedmusk.client.audit import AuditLog, tensor_record
+from fedmusk.client.site_client import (
+    AdapterLayout,
+    SiteAddress,
+    SiteClient,
+    round_seed,
+    secure_weight,
+    secure_weight_cap,
+)
+from fedmusk.config import ConfigError, load_config
+from fedmusk.data.synth import synthesize_cohort
+from fedmusk.musk_model.lora import adapter_state as full_adapter_state
+from fedmusk.musk_model.lora import read_adapter_file
+from fedmusk.server.checkpoint import load_round
+from fedmusk.server.rounds import (
+    RoundController,
+    RoundFailed,
+    check_federation_config,
+    initial_adapter_state,
+    weighted_site_mean,
+)
+from fedmusk.strategies.aggregation import lora_products, weighted_mean
+
+pytestmark = pytest.mark.slow
+
+BASE = [
+    "device=cpu", "data.tile_size=96", "data.max_tiles_per_slide=32", "model.max_text_len=64",
+    "train.epochs=1", "train.bootstrap=20", "train.lr=0.002", "train.lora.experts=[B]",
+    "federation.rounds=2", "federation.local_epochs=1", "federation.min_sites=3", "federation.min_replies=2",
+    "federation.wait_for_sites_s=60", "federation.reply_timeout_s=300",
+]  # fmt: skip
+
+
+def config(*overrides: str):
+    return load_config([], [*BASE, *overrides])
+
+
+@pytest.fixture(scope="module")
+def tracked(tmp_path_factory):
+    """An MLflow store shared by the later simulations (a new store costs seconds of migrations each time)."""
+    from fedmusk.tracking import Tracker
+
+    tracker = Tracker(tmp_path_factory.mktemp("mlflow"), announce=False)
+    tracker.finish()
+
+    def with_store(*overrides: str):
+        return config(f"tracking.uri={tracker.tracking_uri}", *overrides)
+
+    return with_store
+
+
+@pytest.fixture(scope="module", autouse=True)
+def flower_environment():
+    """Flower and Ray write nowhere shared and install nothing; Ray's sockets need a short path."""
+    ray_tmp = tempfile.mkdtemp(prefix="fmray", dir="/tmp")
+    flwr_home = tempfile.mkdtemp(prefix="fmflwr")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FLWR_HOME", flwr_home)
+        mp.setenv("RAY_TMPDIR", ray_tmp)
+        mp.setenv("RAY_USAGE_STATS_ENABLED", "0")
+        mp.setenv("FLWR_TELEMETRY_ENABLED", "0")
+        mp.setenv("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+        yield
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+    shutil.rmtree(flwr_home, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> list[Path]:
+    out = tmp_path_factory.mktemp("cohort")
+    return synthesize_cohort(
+        out, sites=3, cases_per_site=12, tile_px=96, slide_px=256, pretrain_tiles=2, pretrain_reports=2,
+        progress=False, workers=1,
+    )  # fmt: skip
+
+
+def simulate(cfg, roots, out, resume=False):
+    from fedmusk.federation import run_simulation_from_config
+
+    return run_simulation_from_config(cfg, roots, out, resume=resume)
+
+
+@pytest.fixture(scope="module")
+def secure_run(cohort, tmp_path_factory):
+    cfg = config("federation.secure_aggregation=true")
+    out = tmp_path_factory.mktemp("secure")
+    return cfg, out, simulate(cfg, cohort, out)
+
+
+def site_clients(cfg, roots, audit_dir: Path) -> list[SiteClient]:
+    """The sites as they run in the simulation, here in the test process (their own audit logs left alone)."""
+    clients = []
+    for root in roots:
+        site = SiteClient.from_address(cfg, SiteAddress(Path(root), None, None, "simulation"))
+        site.audit = AuditLog(audit_dir / f"{root.name}.jsonl")
+        clients.append(site)
+    return clients
+
+
+def site_updates(clients, global_state, round, federation_id, secure):
+    """Each site's update for ``round`` from ``global_state``, as the state dict it sent."""
+    updates = []
+    for site in clients:
+        reply = site.fit(global_state, round, federation_id)
+        layout = site.layout.update_layout(site.cfg.federation.strategy, secure)
+        updates.append(layout.from_arrays(reply.arrays))
+    return updates
+
+
+def sent_hashes(root: Path, federation_id: str, round: int) -> dict[str, str]:
+    entries = [e for e in AuditLog(root / ".fedmusk" / "audit.jsonl").entries() if e["run_id"] == federation_id]
+    sends = [e for e in entries if e["round"] == round and e["event"] == "send"]
+    assert sends, f"{root.name} recorded no send in round {round}"
+    return {t["name"]: t["sha256"] for t in sends[-1]["tensors"]}
+
+
+@pytest.fixture()
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # what the simulation's one-CPU actors use; far faster on 2 shared cores
+    yield
+    torch.set_num_threads(threads)
+
+
+# --- end to end ------------------------------------------------------------------------------------------------
+
+
+def test_secure_federation_completes_and_records_every_round(secure_run, cohort):
+    cfg, out, summary = secure_run
+    assert summary["secure_aggregation"] is True
+    assert summary["rounds_completed"] == 2 and [r["round"] for r in summary["rounds"]] == [1, 2]
+    names = [root.name for root in cohort]
+    assert summary["sites"] == names
+    for record in summary["rounds"]:
+        assert record["sampled"] == 3 and record["replies"] == 3 and record["failures"] == []
+        assert sorted(record["train_loss"]) == names
+        assert record["bytes_up"] > 0 and record["bytes_down"] > 0
+        assert set(record["per_site"]) | {n for f in record["eval_failures"] for n in names if n in f} == set(names)
+    assert summary["bytes_up_per_client_round"] > 0
+    assert set(summary["test"]["per_site"]) == set(names)
+    assert summary["test"]["pooled"]["n"] == sum(m["n"] for m in summary["test"]["per_site"].values())
+    assert summary["secagg"]["sum_error_bound"] > 0
+    assert json.loads((out / "summary.json").read_text())["run_id"] == summary["run_id"]
+
+    # the final adapter in peft's format is the last checkpoint's global state
+    final = load_round(out / "checkpoints", 2).global_state
+    saved = read_adapter_file(summary["adapter"])
+    assert (Path(summary["adapter"]) / "adapter_config.json").is_file()
+    assert all(torch.equal(saved[name], value) for name, value in final.items())
+
+    # MLflow holds one step per round, with the operators' site names
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=summary["tracking_uri"])
+    assert [m.step for m in client.get_metric_history(summary["run_id"], "comm/bytes_up")] == [1, 2]
+    logged = client.get_run(summary["run_id"]).data.metrics
+    assert any(key.startswith(f"site/{names[0]}/") for key in logged)
+    assert client.get_run(summary["run_id"]).info.status == "FINISHED"
+
+
+def test_secure_aggregate_equals_plain_aggregate_within_quantisation_error(secure_run, cohort, tmp_path, one_thread):
+    """Each round's SecAgg+ aggregate against the plain example-weighted mean of the same sites' updates."""
+    cfg, out, _ = secure_run
+    fed = cfg.federation
+    plain_cfg = config("federation.secure_aggregation=false")
+    clients = site_clients(plain_cfg, cohort, tmp_path)
+    previous = initial_adapter_state(cfg)
+    for rnd in (1, 2):
+        ckpt = load_round(out / "checkpoints", rnd)
+        fid = ckpt.extra["federation_id"]
+        updates = site_updates(clients, previous, rnd, fid, secure=False)
+        cases = [site.session.num_train_cases for site in clients]
+        mean = weighted_mean(updates, cases)
+        expected = {k: previous[k] + mean[k] for k in previous}
+
+        # The unmasked value is the plain mean over sites of [w * delta, w]; each site's stochastic rounding moves
+        # it by less than one step 2c/Q, and dividing by the mean weight magnifies that (finish_secure_sum).
+        step = 2 * fed.secagg_clipping_range / fed.secagg_quantization_range
+        mean_w = sum(secure_weight(n, secure_weight_cap(cfg), dp=False) for n in cases) / len(cases)
+        for name, value in ckpt.global_state.items():
+            bound = (step + mean[name].abs() * step) / (mean_w - step) + 1e-6
+            assert bool(((value - expected[name]).abs() <= bound).all()), f"round {rnd}: {name}"
+        # ...and the sites sent exactly the masked-in versions of these updates
+        for root, site in zip(cohort, clients):
+            assert sent_hashes(root, fid, rnd)  # every site's send is on its own record
+        previous = ckpt.global_state
+
+
+def test_resume_continues_exactly_where_an_uninterrupted_run_would_be(secure_run, cohort, tmp_path, tracked):
+    _, _, uninterrupted = secure_run
+    cfg = tracked("federation.secure_aggregation=true")
+    out = tmp_path / "resumed"
+    first = simulate(tracked("federation.secure_aggregation=true", "federation.rounds=1"), cohort, out)
+    assert first["rounds_completed"] == 1
+    second = simulate(cfg, cohort, out, resume=True)
+    assert second["rounds_completed"] == 2 and [r["round"] for r in second["rounds"]] == [1, 2]
+    assert second["run_id"] == first["run_id"] and second["federation_id"] == first["federation_id"]
+    resumed = load_round(out / "checkpoints", 2).global_state
+    reference = load_round(Path(uninterrupted["checkpoint"]).parent, 2).global_state
+    # Bit for bit: the sites reseed from (seed, site, round), SecAgg+'s stochastic rounding draws from the
+    # generator they seed, and its masks cancel exactly in modular arithmetic.
+    for name, value in reference.items():
+        assert torch.equal(resumed[name], value), name
+
+    with pytest.raises(ConfigError, match="already holds"):
+        simulate(cfg, cohort, out)  # a finished federation's folder is not silently overwritten
+
+
+def test_ffa_lora_aggregate_is_the_exact_mean_of_the_sites_updates(cohort, tmp_path, tracked, one_thread):
+    cfg = tracked("federation.strategy=ffa", "train.lora.ffa=true", "federation.secure_aggregation=false",
+                 "federation.rounds=1")  # fmt: skip
+    out = tmp_path / "ffa"
+    simulate(cfg, cohort, out)
+    ckpt = load_round(out / "checkpoints", 1)
+    fid = ckpt.extra["federation_id"]
+    initial = initial_adapter_state(cfg)
+    assert not any(".lora_A." in name for name in ckpt.global_state)  # A never travels
+
+    clients = site_clients(cfg, cohort, tmp_path)
+    updates = site_updates(clients, initial, 1, fid, secure=False)
+    for root, update in zip(cohort, updates):  # the same updates the sites sent
+        assert sent_hashes(root, fid, 1) == {n: tensor_record(n, t)["sha256"] for n, t in update.items()}
+    cases = [site.session.num_train_cases for site in clients]
+    frozen_a = {k: v for k, v in full_adapter_state(clients[0].session.trainer.model, False).items() if ".lora_A." in k}
+
+    def products(state):
+        return lora_products({**frozen_a, **{k: v for k, v in state.items() if ".lora_B." in k}})
+
+    site_products = [products({k: initial[k] + u[k] for k in u}) for u in updates]
+    exact = weighted_mean(site_products, cases)  # the mean of the sites' B_i @ A
+    aggregated = products(ckpt.global_state)
+    for layer, value in exact.items():
+        torch.testing.assert_close(aggregated[layer], value, rtol=0, atol=1e-6)
+
+
+def test_a_refusing_site_drops_out_and_too_few_replies_fail_the_round(cohort, tmp_path, tracked):
+    sites = tmp_path / "sites"
+    roots = [Path(shutil.copytree(root, sites / root.name)) for root in cohort]
+    (roots[2] / "site-policy.yaml").write_text("max_update_norm: 1.0e-12\non_norm_exceeded: refuse\n")
+
+    summary = simulate(tracked("federation.rounds=1"), roots, tmp_path / "two-of-three")
+    record = summary["rounds"][0]
+    assert record["sampled"] == 3 and record["replies"] == 2
+    assert any(roots[2].name in f and "refused" in f for f in record["failures"])
+    refusals = [e for e in AuditLog(roots[2] / ".fedmusk" / "audit.jsonl").entries() if e["event"] == "refusal"]
+    assert refusals and "max_update_norm" in refusals[-1]["reasons"][0]
+
+    with pytest.raises(RoundFailed, match=r"round 1: 2 sites replied and 1 failed .*min_replies is 3"):
+        simulate(tracked("federation.rounds=1", "federation.min_replies=3"), roots, tmp_path / "too-few")
+
+    # two refusing sites: SecAgg+ cannot unmask and halts without raising; the coordinator must not carry on
+    (roots[1] / "site-policy.yaml").write_text("max_update_norm: 1.0e-12\n")
+    with pytest.raises(RoundFailed, match="round 1: no new global adapter"):
+        simulate(tracked("federation.rounds=1", "federation.min_replies=1"), roots, tmp_path / "halted")
+
+
+# --- round control without Flower ------------------------------------------------------------------------------
+
+
+class FakeTracker:
+    def __init__(self, out_dir, **kwargs):
+        self.run_id, self.tracking_uri, self.rounds = kwargs.get("run_id") or "run-1", "memory://", []
+
+    def log_config(self, cfg):
+        return []
+
+    def set_tags(self, tags):
+        pass
+
+    def log_round(self, round, *args):
+        self.rounds.append(round)
+
+    def finish(self, status="FINISHED"):
+        self.status = status
+
+
+def small_state():
+    g = torch.Generator().manual_seed(0)
+    return {
+        "layer.lora_A.weight": torch.randn(2, 4, generator=g),
+        "layer.lora_B.weight": torch.zeros(3, 2),
+        "task_heads.outcome.weight": torch.randn(1, 3, generator=g),
+    }
+
+
+def test_round_control_never_waits_forever_for_sites(tmp_path):
+    controller = RoundController(config(), tmp_path, initial_state=small_state(), tracker_factory=FakeTracker)
+    now = [0.0]
+    with pytest.raises(RoundFailed, match=r"only 2 of the 3 sites .* within 60 s"):
+        controller.wait_for_sites(lambda: 2, clock=lambda: now[0], sleep=lambda s: now.__setitem__(0, now[0] + s))
+    assert now[0] == pytest.approx(60.0)
+    assert controller.wait_for_sites(lambda: 3, clock=lambda: now[0], sleep=lambda s: None) == 3
+
+
+def test_a_round_without_an_aggregate_fails_loudly(tmp_path):
+    controller = RoundController(config(), tmp_path, initial_state=small_state(), tracker_factory=FakeTracker)
+    controller.select_sites(1, [11, 12, 13])
+    with pytest.raises(RoundFailed, match="round 1: no new global adapter.*site errors: site-3: refused"):
+        controller.check_fit_done(1, ["site-3: refused"])
+
+
+def test_secure_and_plain_paths_give_the_same_weighted_mean(tmp_path):
+    from fedmusk.strategies.aggregation import prepare_for_secure_sum
+
+    state = small_state()
+    g = torch.Generator().manual_seed(1)
+    deltas = [{k: 0.01 * torch.randn(v.shape, generator=g) for k, v in state.items()} for _ in range(3)]
+    cases = [4, 9, 6]
+    plain = RoundController(config("federation.secure_aggregation=false"), tmp_path / "p",
+                            initial_state=state, tracker_factory=FakeTracker)  # fmt: skip
+    secure = RoundController(config(), tmp_path / "s", initial_state=state, tracker_factory=FakeTracker)
+    for c in (plain, secure):
+        c.select_sites(1, [1, 2, 3])
+    plain.aggregate_plain(1, deltas, cases, ["a", "b", "c"])
+    prepared = [prepare_for_secure_sum(d, n / 16) for d, n in zip(deltas, cases)]
+    uniform = {k: sum(p[k].double() for p in prepared) / 3 for k in prepared[0]}
+    secure.aggregate_secure(1, uniform, 3, ["a", "b", "c"])
+    for name in state:
+        torch.testing.assert_close(secure.global_state[name], plain.global_state[name], rtol=0, atol=1e-7)
+
+
+def test_federation_settings_that_cannot_work_are_refused_before_any_round():
+    for overrides, message in [
+        (["federation.secagg_num_shares=4"], "odd"),
+        (["federation.robust=median"], "SecAgg"),
+        (["federation.strategy=ffa"], "train.lora.ffa"),
+        (["federation.dp_noise_multiplier=1.0"], "dp_clip"),
+        (["federation.min_replies=4"], "min_replies"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            check_federation_config(config(*overrides))
+
+
+def test_site_randomness_and_wire_layout_are_fixed_by_the_configuration():
+    assert round_seed(0, "site-1", 2) == round_seed(0, "site-1", 2) != round_seed(0, "site-1", 3)
+    state = small_state()
+    layout = AdapterLayout.of(state)
+    back = layout.from_arrays(layout.to_arrays(state))
+    assert all(torch.equal(back[k], v) for k, v in state.items())
+    sent = layout.update_layout("fedsa", secure=True)
+    assert sent.names == ["layer.lora_A.weight", "__secure_sum_weight__"]
+    assert weighted_site_mean({"a": {"val_n": 1, "val_c_index": 0.5}, "b": {"val_n": 3, "val_c_index": 0.9}}) == {
+        "val_c_index": pytest.approx(0.8), "val_n": 4.0
+    }
