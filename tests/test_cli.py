@@ -45,3 +45,16 @@ def test_large_model_without_weights_is_refused_with_the_reason(tmp_path):
     assert result.exit_code == 2
     assert "needs the released checkpoint" in result.output
     assert not any(tmp_path.iterdir()), "nothing is started before the configuration is known to work"
+
+
+def test_demo_runs_the_federation_and_both_baselines_on_a_cohort(small_cohort, tmp_path):
+    import shutil
+
+    shutil.copytree(small_cohort[0].parent, tmp_path / "cohort")  # the demo makes its cohort only when absent
+    result = runner.invoke(
+        app, ["demo", "--workdir", str(tmp_path), "federation.rounds=1", "train.epochs=1", "train.bootstrap=10"]
+    )
+    assert result.exit_code == 0, result.output
+    for row in ("federated", "centralized (pooled)", "site-1 alone", "site-3 alone"):
+        assert row in result.output
+    assert "mlflow ui --backend-store-uri" in result.output
