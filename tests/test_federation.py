@@ -360,3 +360,38 @@ def test_site_randomness_and_wire_layout_are_fixed_by_the_configuration():
     assert weighted_site_mean({"a": {"val_n": 1, "val_c_index": 0.5}, "b": {"val_n": 3, "val_c_index": 0.9}}) == {
         "val_c_index": pytest.approx(0.8), "val_n": 4.0
     }
+
+
+def test_a_pretraining_phase_runs_before_the_outcome_rounds_and_hands_over_its_lora(cohort, tmp_path, tracked):
+    from fedmusk.training.pretrain import lora_only
+
+    cfg = tracked("federation.pretrain_rounds=1", "federation.rounds=1", "train.pretrain.steps=2",
+                  "federation.secure_aggregation=false")  # fmt: skip
+    roots = [Path(shutil.copytree(root, tmp_path / "sites" / root.name)) for root in cohort]
+    shutil.rmtree(roots[2] / "pretrain")  # a site without pretraining data sits the pretraining rounds out
+    out = tmp_path / "pretrained"
+    summary = simulate(cfg, roots, out)
+    assert summary["rounds_completed"] == 2
+    on_disk = json.loads((out / "rounds.json").read_text())
+    for rounds in (summary["rounds"], on_disk):
+        pre, outcome = rounds
+        assert (pre["phase"], outcome["phase"]) == ("pretrain", "outcome")
+        assert pre["replies"] == 2 and outcome["replies"] == 3 and outcome["failures"] == []
+        assert any(roots[2].name in f and "no training data" in f for f in pre["failures"])
+        assert sorted(pre["per_site"]) == sorted(r.name for r in roots[:2]) and pre["eval_failures"]
+        assert "val_loss" in pre["aggregated"] and not any("c_index" in k for k in pre["aggregated"])
+        assert "val_c_index" in outcome["aggregated"] and "val_loss" not in outcome["aggregated"]
+
+    pretrained = load_round(out / "checkpoints", 1)
+    assert pretrained.extra["phase"] == "pretrain" and load_round(out / "checkpoints", 2).extra["phase"] == "outcome"
+    # the outcome phase starts from the pretrained global LoRA with fresh outcome heads: what a coordinator
+    # resuming after the pretraining round builds at round 2
+    partial = tmp_path / "after-pretraining"
+    shutil.copytree(pretrained.path, partial / "checkpoints" / pretrained.path.name)
+    controller = RoundController(cfg, partial, resume=True, tracker_factory=FakeTracker)
+    assert list(controller.rounds_to_run()) == [2] and controller.begin_round(2) == "outcome"
+    start = controller.global_state
+    assert set(start) == set(initial_adapter_state(cfg))
+    lora = lora_only(pretrained.global_state)
+    assert lora and all(torch.equal(start[name], value) for name, value in lora.items())
+    assert any(bool(value.abs().sum() > 0) for name, value in lora.items() if ".lora_B." in name)  # it trained

@@ -43,7 +43,8 @@ SUMMARY_FILE = "summary.json"
 def run_simulation_from_config(
     cfg: FedMuskConfig, site_roots: Sequence[str | os.PathLike], out_dir: str | os.PathLike, resume: bool = False
 ) -> dict[str, Any]:
-    """Run ``cfg.federation.rounds`` rounds over ``site_roots`` (resume: continue from the last checkpoint in
+    """Run ``cfg.federation.pretrain_rounds`` continued-pretraining rounds, then ``cfg.federation.rounds`` outcome
+    rounds, over ``site_roots`` (resume: continue from the last checkpoint in
     ``out_dir``), then test the final adapter and write ``<out_dir>/summary.json``; returns the summary.
 
     Raises ConfigError for settings that cannot work, and RoundFailed (from the coordinator) when a round fails.
@@ -109,6 +110,7 @@ def summarize(
     summary: dict[str, Any] = {
         "strategy": fed.strategy,
         "secure_aggregation": fed.secure_aggregation,
+        "pretrain_rounds": fed.pretrain_rounds,
         "rounds_completed": ckpt.round,
         "sites": list(test["per_site"]),
         "federation_id": ckpt.extra["federation_id"],

@@ -45,6 +45,12 @@ class FlowerSite(NumPyClient):
         return 0.0, n, metrics  # fedmusk has no evaluation loss: the metrics carry the results
 
     def _global_state(self, parameters: list[np.ndarray], config: Mapping[str, Any]):
+        phase = self.site.use_round(int(config["round"]))  # pretraining or outcome: picks session and layout
+        if config.get("phase", phase) != phase:
+            raise ValueError(
+                f"the coordinator runs round {config['round']} as {config.get('phase')!r}, this site as {phase!r}: "
+                "site and coordinator must use the same federation.pretrain_rounds"
+            )
         layout = self.site.layout
         if config.get("layout") != layout.fingerprint:
             raise ValueError(

@@ -72,6 +72,17 @@ LOCAL_STATE_DIR = Path(".fedmusk") / "federations"  # FedSA: B factors and heads
 
 # What a site reports from an evaluation (with the confidence limits of each): case counts and the metrics.
 EVAL_METRICS = ("n", "n_events", "n_positive", "c_index", "c_index_uno", "td_auc", "ibs", "auc", "auprc")
+# ...and in a pretraining round: the objectives' losses on a fixed held-out batch, and the items evaluated.
+PRETRAIN_EVAL_METRICS = ("n", "loss", "mlm", "mim", "clip", "aux_mlm")
+
+# The two phases of a federation: rounds 1..federation.pretrain_rounds continue MUSK's pretraining (LoRA plus the
+# pretraining heads travel), the federation.rounds after them train the outcome model (LoRA plus the outcome heads).
+PRETRAIN, OUTCOME = "pretrain", "outcome"
+
+
+def round_phase(cfg: FedMuskConfig, round: int) -> str:
+    """The phase of ``round``, from the configuration alone (coordinator and sites derive it alike)."""
+    return PRETRAIN if round <= cfg.federation.pretrain_rounds else OUTCOME
 
 
 def config_from_yaml(text: str) -> FedMuskConfig:
@@ -238,7 +249,10 @@ class FitReply(NamedTuple):
 class SiteClient:
     """One hospital in a federation: its training session, policy, audit log and FedSA local state.
 
-    ``session`` defaults to a ``SiteSession`` over ``site_root``, built on first use.
+    ``session`` defaults to a ``SiteSession`` over ``site_root``, built on first use; it serves the outcome
+    rounds. Pretraining rounds (``federation.pretrain_rounds``) use a ``PretrainSession`` over the site's
+    ``pretrain/`` folder, built when the first of them arrives and dropped when the outcome phase begins.
+    ``use_round`` (which ``fit`` and ``evaluate`` call) picks the session of a round's phase.
     """
 
     def __init__(
@@ -258,8 +272,11 @@ class SiteClient:
         self.site_name = site_name or policy.site_name
         self.recipient = recipient
         self._session = session
+        self._pretrain_session = None
+        self._pretrain_error: Exception | None = None
+        self.phase = OUTCOME
         self._scrubber: Scrubber | None = None
-        self._layout: AdapterLayout | None = None
+        self._layouts: dict[str, AdapterLayout] = {}
 
     @classmethod
     def from_address(cls, cfg: FedMuskConfig, address: SiteAddress) -> SiteClient:
@@ -272,8 +289,30 @@ class SiteClient:
 
     # -- parts built on first use ------------------------------------------------------------------------------------
 
+    def use_round(self, round: int) -> str:
+        """Switch to the session of ``round``'s phase (pretraining or outcome) and return the phase."""
+        self.phase = round_phase(self.cfg, round)
+        if self.phase == OUTCOME:
+            self._pretrain_session = None  # the pretraining phase is over: free its model
+        return self.phase
+
     @property
     def session(self):
+        """The training session of the current phase. In a pretraining round, a site without pretraining data
+        raises SiteDataError ("no training data ...") every round: it sits the pretraining phase out."""
+        if self.phase == PRETRAIN:
+            if self._pretrain_session is None:
+                if self._pretrain_error is not None:
+                    raise self._pretrain_error
+                from fedmusk.data.errors import SiteDataError
+                from fedmusk.training.pretrain import PretrainSession
+
+                try:
+                    self._pretrain_session = PretrainSession(self.cfg, [self.site_root])
+                except SiteDataError as err:
+                    self._pretrain_error = err  # not retried each round: the folder does not change mid-run
+                    raise
+            return self._pretrain_session
         if self._session is None:
             from fedmusk.training.site import SiteSession
 
@@ -288,10 +327,10 @@ class SiteClient:
 
     @property
     def layout(self) -> AdapterLayout:
-        """The layout of the global adapter as this site's model has it."""
-        if self._layout is None:
-            self._layout = AdapterLayout.of(self.session.adapter_state())
-        return self._layout
+        """The layout of the global adapter of the current phase as this site's model has it."""
+        if self.phase not in self._layouts:
+            self._layouts[self.phase] = AdapterLayout.of(self.session.adapter_state())
+        return self._layouts[self.phase]
 
     def scrub_error(self, err: BaseException) -> str:
         """An error as it may leave the site: its type and scrubbed message."""
@@ -306,6 +345,7 @@ class SiteClient:
         update, ValueError when a secure-sum value would exceed ``secagg_clipping_range``.
         """
         fed = self.cfg.federation
+        self.use_round(round)
         start = self.adapter_for_round(global_state, round, federation_id)
         self._begin_round(round)
         self.session.load_adapter_state(start)
@@ -334,7 +374,7 @@ class SiteClient:
         self.audit.record_send(federation_id, round, self.recipient, {n: wire[n] for n in layout.names})
         if fed.strategy == "fedsa":
             _, local = partition(trained, "fedsa")
-            save_local_state(self.site_root, federation_id, round, local)
+            save_local_state(self.site_root, _phase_id(federation_id, self.phase), round, local)
         metrics = scalar_metrics(self.scrubber.metrics({"loss": train.get("loss")}))
         return FitReply(arrays, int(num_examples), {"site": self.site_name, **metrics})
 
@@ -342,14 +382,17 @@ class SiteClient:
         self, global_state: Mapping[str, torch.Tensor], round: int = 0, federation_id: str = ""
     ) -> tuple[int, dict[str, float | int | str]]:
         """Validation and test metrics of the adapter this site would use now (FedSA: the global A with its own B
-        and heads): ``(validation cases, {"site", "val_c_index", "val_auc", "test_c_index", ...})``."""
+        and heads): ``(validation cases, {"site", "val_c_index", "val_auc", "test_c_index", ...})``. After a
+        pretraining round: the objectives' losses instead (``val_loss``, ``val_mlm``, ..., ``val_n`` items)."""
+        self.use_round(round)
         state = self.adapter_for_round(global_state, round + 1, federation_id)
         self.session.load_adapter_state(state)
         metrics: dict[str, float | int | str] = {"site": self.site_name}  # the operator's public name
         n_val = 0
+        reported = PRETRAIN_EVAL_METRICS if self.phase == PRETRAIN else EVAL_METRICS
         for split in ("val", "test"):
             result = self.session.evaluate(split)
-            shared = {k: v for k, v in result.items() if k.removesuffix("_ci") in EVAL_METRICS}
+            shared = {k: v for k, v in result.items() if k.removesuffix("_ci") in reported}
             metrics.update(scalar_metrics(self.scrubber.metrics(shared), prefix=f"{split}_"))
             if split == "val":
                 n_val = int(result.get("n", 0))
@@ -369,16 +412,27 @@ class SiteClient:
         self, global_state: Mapping[str, torch.Tensor], round: int, federation_id: str
     ) -> StateDict:
         """The adapter this site starts ``round`` from: the global state, with FedSA's site-local tensors (B factors,
-        heads) replaced by the site's own from its latest earlier round (none yet: the shared initialisation)."""
+        heads) replaced by the site's own from its latest earlier round of the same phase (none yet: the shared
+        initialisation; at the first outcome round after pretraining, the site's own pretrained B factors)."""
         state = {k: v.clone() for k, v in global_state.items()}
         if self.cfg.federation.strategy == "fedsa":
-            local = latest_local_state(self.site_root, federation_id, before_round=round)
+            phase = self.phase  # of the state being loaded (evaluation passes round + 1)
+            local = latest_local_state(self.site_root, _phase_id(federation_id, phase), before_round=round)
+            if local is None and phase == OUTCOME and self.cfg.federation.pretrain_rounds:
+                pretrained = latest_local_state(self.site_root, _phase_id(federation_id, PRETRAIN), round)
+                if pretrained is not None:
+                    local = {k: v for k, v in pretrained.items() if ".lora_B." in k and k in state}
             if local is not None:
                 unknown = sorted(set(local) - set(state))
                 if unknown:
                     raise ValueError(f"saved local state holds tensors the global adapter lacks: {unknown[:3]}")
                 state.update(local)
         return state
+
+
+def _phase_id(federation_id: str, phase: str) -> str:
+    """The local-state folder name of a phase: pretraining keeps its own (its heads differ from the outcome's)."""
+    return f"{federation_id or 'default'}-pretrain" if phase == PRETRAIN else federation_id
 
 
 def local_state_path(site_root: str | os.PathLike, federation_id: str, round: int) -> Path:

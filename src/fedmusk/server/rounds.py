@@ -7,9 +7,14 @@ and calls it. What it guarantees:
 - a round never waits forever: ``wait_for_sites`` polls with a deadline, replies are bounded by the workflow;
 - a round never silently does nothing: fewer replies than ``min_replies`` raise RoundFailed, and so does a round
   whose aggregation never happened (SecAgg+ halts without raising; ``check_fit_done`` turns that into an error);
-- after each round a checkpoint (global adapter, optimiser and accountant state, history, MLflow run id) is
+- after each round a checkpoint (global adapter, optimiser and accountant state, history, MLflow run id, phase) is
   written, and ``resume`` continues from the last one with the same results as an uninterrupted run (sites derive
   their randomness from (seed, site, round); only DP noise is drawn fresh, on purpose).
+
+With ``federation.pretrain_rounds`` = P > 0, rounds 1..P continue MUSK's pretraining (the adapter is LoRA plus the
+pretraining heads) and rounds P+1..P+R train the outcome model. ``begin_round`` switches phase at round P+1: the
+outcome adapter is built from the configuration (seeded heads, the same at every site) and the pretrained global
+LoRA tensors are carried into it (``carry_lora``); the server optimiser starts afresh, the DP accountant goes on.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from typing import Any
 
 import torch
 
-from fedmusk.client.site_client import AdapterLayout, config_from_yaml
+from fedmusk.client.site_client import OUTCOME, PRETRAIN, AdapterLayout, config_from_yaml, round_phase
 from fedmusk.config import ConfigError, FedMuskConfig, to_yaml
 from fedmusk.server.checkpoint import list_rounds, load_latest, save_round
 from fedmusk.strategies.aggregation import (
@@ -69,8 +74,16 @@ def check_federation_config(cfg: FedMuskConfig) -> None:
         raise ConfigError("federation.strategy=ffa needs train.lora.ffa=true (A frozen at the shared seed)")
     if fed.rounds < 1 or fed.local_epochs < 1:
         raise bad("rounds", f"rounds and local_epochs must be >= 1, got {fed.rounds}, {fed.local_epochs}")
+    if fed.pretrain_rounds < 0:
+        raise bad("pretrain_rounds", f"{fed.pretrain_rounds}; use 0 (no pretraining phase) or more rounds")
+    if fed.pretrain_rounds and cfg.train.task == PRETRAIN:
+        raise ConfigError(
+            "federation.pretrain_rounds: train.task=pretrain has no outcome phase; set a survival or response task"
+        )
     if fed.pretrain_rounds:
-        raise bad("pretrain_rounds", "federated continued pretraining is not wired into rounds yet; use 0")
+        from fedmusk.training.pretrain import enabled_objectives
+
+        enabled_objectives(cfg)  # ConfigError names a bad train.pretrain objective setup
     if not 0 < fed.fraction <= 1:
         raise bad("fraction", f"{fed.fraction}; use a share in (0, 1]")
     if fed.min_replies < 1 or fed.min_sites < fed.min_replies:
@@ -125,13 +138,26 @@ def adapter_trainer(cfg: FedMuskConfig):
     return OutcomeTrainer(cfg, base, load_tokenizer(cfg.model), _TileWidth(width), "cpu")
 
 
-def initial_adapter_state(cfg: FedMuskConfig) -> StateDict:
-    """The adapter every site starts from, built from the configuration alone (the coordinator has no data).
+def initial_adapter_state(cfg: FedMuskConfig, phase: str = OUTCOME) -> StateDict:
+    """The adapter every site starts ``phase`` from, built from the configuration alone (the coordinator has no
+    data): the outcome adapter, or for ``phase="pretrain"`` LoRA with the pretraining heads.
 
     LoRA A factors are seeded by layer name and B starts at zero, so they equal the sites' own; the heads are
-    whatever this seeded build gives, and round 1 sends them to every site.
+    whatever this seeded build gives, and the phase's first round sends them to every site.
     """
+    if phase == PRETRAIN:
+        from fedmusk.training.pretrain import pretrain_adapter_state
+
+        return pretrain_adapter_state(cfg)
     return adapter_trainer(cfg).adapter_state()
+
+
+def outcome_start_state(cfg: FedMuskConfig, pretrained: StateDict) -> StateDict:
+    """The outcome phase's starting adapter after pretraining: the seeded outcome adapter with the pretrained
+    global LoRA tensors in place of its own (AdapterStateError when the LoRA layouts differ)."""
+    from fedmusk.training.pretrain import carry_lora
+
+    return carry_lora(pretrained, initial_adapter_state(cfg, OUTCOME))
 
 
 def save_global_adapter(cfg: FedMuskConfig, global_state: StateDict, out_dir: str | os.PathLike) -> Path:
@@ -154,6 +180,7 @@ class RoundRecord:
     """What happened in one round (``rounds.json`` holds one per round, and the checkpoint carries them)."""
 
     round: int
+    phase: str = OUTCOME  # "pretrain": the metrics are objective losses (val_loss, val_mlm, ...), not C-index
     sampled: int = 0
     replies: int = 0
     failures: list[str] = field(default_factory=list)
@@ -216,7 +243,8 @@ class RoundController:
 
     ``out_dir`` receives ``checkpoints/``, ``rounds.json`` and, by default, the MLflow store. ``resume`` continues
     from the newest checkpoint there (ConfigError when there is none); without it, a folder that already holds
-    checkpoints is refused rather than overwritten. ``initial_state`` defaults to ``initial_adapter_state(cfg)``.
+    checkpoints is refused rather than overwritten. ``initial_state`` (the first round's phase's adapter) defaults
+    to ``initial_adapter_state(cfg, phase of round 1)``.
     """
 
     def __init__(
@@ -254,10 +282,10 @@ class RoundController:
                 raise ConfigError(
                     f"{self.out_dir} already holds a federation's checkpoints: resume it or choose another folder"
                 )
-            self.global_state = initial_state if initial_state is not None else initial_adapter_state(cfg)
+            self.phase = round_phase(cfg, 1)
+            self.global_state = initial_state if initial_state is not None else initial_adapter_state(cfg, self.phase)
             self.federation_id = secrets.token_hex(8)
-        shared = SHARED_ROLES[self.fed.strategy]
-        self.shared_names = sorted(n for n in self.global_state if tensor_role(n) in shared)  # what a round moves
+        self._set_shared_names()
         if tracker_factory is None:
             from fedmusk.tracking import Tracker
 
@@ -274,9 +302,32 @@ class RoundController:
 
     # -- before a round ----------------------------------------------------------------------------------------------
 
+    @property
+    def total_rounds(self) -> int:
+        """Pretraining rounds plus outcome rounds."""
+        return self.fed.pretrain_rounds + self.fed.rounds
+
     def rounds_to_run(self) -> range:
-        """The rounds still to run: after the last checkpoint up to ``federation.rounds``."""
-        return range(self.completed_round + 1, self.fed.rounds + 1)
+        """The rounds still to run: after the last checkpoint up to ``pretrain_rounds + rounds``."""
+        return range(self.completed_round + 1, self.total_rounds + 1)
+
+    def begin_round(self, round: int) -> str:
+        """Make the global adapter ``round``'s phase's (idempotent; ``select_sites`` calls it too) and return the
+        phase. At the first outcome round after pretraining: the seeded outcome adapter with the pretrained global
+        LoRA carried in, and a fresh server optimiser (its moments belong to the other phase's tensors)."""
+        phase = round_phase(self.cfg, round)
+        if phase != self.phase:
+            if (self.phase, phase) != (PRETRAIN, OUTCOME):
+                raise RoundFailed(f"round {round}: cannot go from the {self.phase} phase back to {phase}")
+            self.global_state = outcome_start_state(self.cfg, self.global_state)
+            self.optimizer = build_server_optimizer(self.fed.server_optimizer, eta=self.fed.server_lr)
+            self.phase = phase
+            self._set_shared_names()
+        return phase
+
+    def _set_shared_names(self) -> None:
+        shared = SHARED_ROLES[self.fed.strategy]
+        self.shared_names = sorted(n for n in self.global_state if tensor_role(n) in shared)  # what a round moves
 
     def wait_for_sites(
         self,
@@ -309,16 +360,19 @@ class RoundController:
         chosen = sorted(available)
         if k < len(chosen):
             chosen = sorted(random.Random(f"{self.cfg.seed}:{round}").sample(chosen, k))
-        self._current = RoundRecord(round=round, sampled=len(chosen))
+        phase = self.begin_round(round)
+        self._current = RoundRecord(round=round, phase=phase, sampled=len(chosen))
         self._available = len(available)
         self._round_started = time.monotonic()
         return chosen
 
     def fit_config(self, round: int) -> dict[str, int | str]:
-        """What every site is told with the global adapter: the round, the federation (its local-state folder and
-        audit entries), and the adapter layout's fingerprint."""
+        """What every site is told with the global adapter: the round, its phase ("pretrain" or "outcome"; the
+        sites derive it too and check), the federation (its local-state folder and audit entries), and the adapter
+        layout's fingerprint."""
         layout = AdapterLayout.of(self.global_state).fingerprint
-        return {"round": round, "federation-id": self.federation_id, "layout": layout}
+        phase = round_phase(self.cfg, round)
+        return {"round": round, "phase": phase, "federation-id": self.federation_id, "layout": layout}
 
     # -- aggregation -------------------------------------------------------------------------------------------------
 
@@ -450,7 +504,7 @@ class RoundController:
                 "accountant": None if self.accountant is None else self.accountant.state_dict(),
             },
             extra={
-                "federation_id": self.federation_id, "mlflow_run_id": self.tracker.run_id,
+                "federation_id": self.federation_id, "mlflow_run_id": self.tracker.run_id, "phase": self.phase,
                 "tracking_uri": self.tracker.tracking_uri, "seed": self.cfg.seed, "config": to_yaml(self.cfg),
                 "history": [asdict(r) for r in self.history],
             },
@@ -472,6 +526,8 @@ class RoundController:
         extra = ckpt.extra
         self.global_state = dict(ckpt.global_state)
         self.federation_id = extra["federation_id"]
+        # the phase of the checkpointed state; the next round's begin_round switches when that round's differs
+        self.phase = extra.get("phase", round_phase(self.cfg, max(ckpt.round, 1)))
         self.completed_round = ckpt.round
         self._aggregated_round = ckpt.round
         self.history = [RoundRecord(**r) for r in extra.get("history", [])]
@@ -492,8 +548,8 @@ class RoundController:
 # Sections that must not change when a federation resumes (rounds, waits and tracking may).
 _FIXED_ON_RESUME = ("seed", "model", "data", "train")
 _FIXED_FEDERATION_KEYS = (
-    "strategy", "local_epochs", "secure_aggregation", "server_optimizer", "server_lr", "proximal_mu", "robust",
-    "trim_fraction", "dp_noise_multiplier", "dp_clip",
+    "strategy", "local_epochs", "pretrain_rounds", "secure_aggregation", "server_optimizer", "server_lr",
+    "proximal_mu", "robust", "trim_fraction", "dp_noise_multiplier", "dp_clip",
 )  # fmt: skip
 
 

@@ -75,7 +75,7 @@ def secure_fit_workflow(fed: FederationConfig) -> SecAggPlusWorkflow:
 def _run_rounds(grid: MeteredGrid, context: Context, controller: RoundController) -> None:
     fed = controller.fed
     strategy = FedMuskStrategy(controller)
-    legacy = LegacyContext(context, config=ServerConfig(num_rounds=fed.rounds), strategy=strategy)
+    legacy = LegacyContext(context, config=ServerConfig(num_rounds=controller.total_rounds), strategy=strategy)
     fit_workflow = secure_fit_workflow(fed) if fed.secure_aggregation else default_fit_workflow
     thread, stop, ready = start_update_client_manager_thread(grid, legacy.client_manager)
     ready.wait()
@@ -86,6 +86,7 @@ def _run_rounds(grid: MeteredGrid, context: Context, controller: RoundController
         legacy.state.config_records[MAIN_CONFIGS_RECORD] = round_config
         for rnd in controller.rounds_to_run():
             round_config[Key.CURRENT_ROUND] = rnd
+            controller.begin_round(rnd)  # pretraining or outcome: the global adapter of this round's phase
             legacy.state.array_records[MAIN_PARAMS_RECORD] = parameters_to_arrayrecord(
                 strategy.global_parameters(), keep_input=True
             )

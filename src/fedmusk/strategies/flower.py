@@ -37,10 +37,17 @@ class FedMuskStrategy(Strategy):
     def __init__(self, controller: RoundController):
         super().__init__()
         self.controller = controller
-        fed = controller.fed
-        self.secure = fed.secure_aggregation
-        self.global_layout = AdapterLayout.of(controller.global_state)
-        self.update_layout = self.global_layout.update_layout(fed.strategy, fed.secure_aggregation)
+        self.secure = controller.fed.secure_aggregation
+
+    @property
+    def global_layout(self) -> AdapterLayout:
+        """The layout of the global adapter now (it changes when a pretraining phase hands over to the outcome)."""
+        return AdapterLayout.of(self.controller.global_state)
+
+    @property
+    def update_layout(self) -> AdapterLayout:
+        fed = self.controller.fed
+        return self.global_layout.update_layout(fed.strategy, fed.secure_aggregation)
 
     def global_parameters(self) -> Parameters:
         return ndarrays_to_parameters(self.global_layout.to_arrays(self.controller.global_state))

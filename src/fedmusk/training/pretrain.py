@@ -87,6 +87,60 @@ def carry_lora(pretrained: StateDict, target: StateDict) -> StateDict:
     return {**target, **source}
 
 
+# -- what the configuration alone decides: objectives and heads -------------------------------------------------------
+
+
+def enabled_objectives(cfg: FedMuskConfig) -> list[str]:
+    """The objectives with weight > 0, in OBJECTIVES order; ConfigError for a bad objective setup."""
+    p = cfg.train.pretrain
+    if p.mim_target not in MIM_TARGETS:
+        raise ConfigError(f"train.pretrain.mim_target={p.mim_target!r}: choose one of {list(MIM_TARGETS)}")
+    weights = {"mlm": p.mlm_weight, "mim": p.mim_weight, "clip": p.clip_weight}
+    if any(w < 0 for w in weights.values()) or p.aux_mlm_weight < 0:
+        raise ConfigError("train.pretrain: objective weights must not be negative")
+    enabled = [o for o in OBJECTIVES if weights[o] > 0]
+    if not enabled:
+        raise ConfigError("train.pretrain: every objective has weight 0; nothing to train")
+    return enabled
+
+
+def pretrain_heads(cfg: FedMuskConfig, base_model, visual_tokenizer=None) -> dict[str, torch.nn.Module]:
+    """The prediction heads of the enabled objectives, seeded with ``cfg.seed`` so that they start identical at
+    every site (and at a coordinator, which builds them from the configuration alone to lay out the adapter)."""
+    p, mc = cfg.train.pretrain, base_model.config
+    enabled = enabled_objectives(cfg)
+    torch.manual_seed(cfg.seed)
+    heads: dict[str, torch.nn.Module] = {}
+    if "mlm" in enabled:
+        heads["mlm"] = MlmHead(mc.embed_dim, mc.vocab_size, tie_to=base_model.beit3.text_embed)
+    if "mim" in enabled:
+        codes = None
+        if visual_tokenizer is not None:
+            codes = int(getattr(visual_tokenizer, "n_codes", VISUAL_TOKENIZER_CODES))
+        heads["mim"] = MimHead(mc.embed_dim, codes)
+    if "clip" in enabled and p.aux_mlm_weight > 0:
+        heads["aux_decoder"] = CrossAttentionDecoder(mc.embed_dim, mc.num_heads, layers=1)
+        heads["aux_mlm"] = MlmHead(mc.embed_dim, mc.vocab_size, tie_to=base_model.beit3.text_embed)
+    return heads
+
+
+def pretrain_adapter_state(cfg: FedMuskConfig) -> StateDict:
+    """The adapter of a pretraining round (LoRA + the heads above) from the configuration alone, on the CPU: what
+    a federation's coordinator starts its pretraining phase from. Base weights never enter the adapter, so the
+    base is built without them."""
+    from fedmusk.musk_model import create_model
+
+    enabled = enabled_objectives(cfg)
+    seed_everything(cfg.seed)
+    changes = {"img_size": cfg.model.img_size} if cfg.model.img_size else {}
+    base = create_model(cfg.model.preset, weights=None, device="cpu", **changes)
+    tokenizer = None
+    if "mim" in enabled and cfg.train.pretrain.mim_target == "codes":
+        tokenizer = load_visual_tokenizer(cfg.train.pretrain.visual_tokenizer, "cpu")
+    model = apply_lora(base, lora_settings(cfg), extra_trainable=pretrain_heads(cfg, base, tokenizer))
+    return adapter_state(model)
+
+
 # -- the visual tokenizer ----------------------------------------------------------------------------------------------
 
 
@@ -155,14 +209,8 @@ class PretrainTrainer:
 
     def __init__(self, cfg: FedMuskConfig, base_model, tokenizer, site_roots: Sequence[str | Path], device):
         p = cfg.train.pretrain
-        if p.mim_target not in MIM_TARGETS:
-            raise ConfigError(f"train.pretrain.mim_target={p.mim_target!r}: choose one of {list(MIM_TARGETS)}")
+        self.enabled = enabled_objectives(cfg)
         self.weights = {"mlm": p.mlm_weight, "mim": p.mim_weight, "clip": p.clip_weight}
-        if any(w < 0 for w in self.weights.values()) or p.aux_mlm_weight < 0:
-            raise ConfigError("train.pretrain: objective weights must not be negative")
-        self.enabled = [o for o in OBJECTIVES if self.weights[o] > 0]
-        if not self.enabled:
-            raise ConfigError("train.pretrain: every objective has weight 0; nothing to train")
         self.cfg, self.tokenizer, self.device = cfg, tokenizer, torch.device(device)
         self.max_len = cfg.model.max_text_len
         self.data = PretrainData()
@@ -180,15 +228,7 @@ class PretrainTrainer:
             self.visual_tokenizer = load_visual_tokenizer(p.visual_tokenizer, self.device)
             self.n_codes = int(getattr(self.visual_tokenizer, "n_codes", VISUAL_TOKENIZER_CODES))
         self.use_aux = "clip" in self.enabled and p.aux_mlm_weight > 0
-        torch.manual_seed(cfg.seed)  # heads start identical at every site
-        heads = {}
-        if "mlm" in self.enabled:
-            heads["mlm"] = MlmHead(mc.embed_dim, mc.vocab_size, tie_to=base_model.beit3.text_embed)
-        if "mim" in self.enabled:
-            heads["mim"] = MimHead(mc.embed_dim, self.n_codes if self.visual_tokenizer is not None else None)
-        if self.use_aux:
-            heads["aux_decoder"] = CrossAttentionDecoder(mc.embed_dim, mc.num_heads, layers=1)
-            heads["aux_mlm"] = MlmHead(mc.embed_dim, mc.vocab_size, tie_to=base_model.beit3.text_embed)
+        heads = pretrain_heads(cfg, base_model, self.visual_tokenizer)
         self.model = apply_lora(base_model, lora_settings(cfg), extra_trainable=heads)
         self.model.to(self.device)
         self.net = self.model.get_base_model()  # the MuskModel with LoRA inside; self.model for peft's switches
