@@ -264,14 +264,15 @@ def train_tiny_tokenizer(out_path: str | os.PathLike[str], vocab_size: int = 100
     lines = _tiny_corpus_text().splitlines()
     buffer = io.BytesIO()
     spm.set_random_generator_seed(_TINY_SEED)
-    with open(os.devnull, "w") as quiet:  # the trainer logs hundreds of lines otherwise
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(lines),  # not input=path: keeps the corpus path out of the saved model
-            model_writer=buffer,
-            vocab_size=vocab_size,
-            logstream=quiet,
-            **_TINY_TRAINER_SPEC,
-        )
+    # minloglevel, not logstream: the trainer logs hundreds of lines otherwise, and logstream needs a real
+    # sys.stderr file descriptor, which test runners and notebooks replace.
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),  # not input=path: keeps the corpus path out of the saved model
+        model_writer=buffer,
+        vocab_size=vocab_size,
+        minloglevel=2,
+        **_TINY_TRAINER_SPEC,
+    )
     _write_atomically(out_path, buffer.getvalue())
     return out_path
 
