@@ -174,6 +174,8 @@ def test_secure_federation_completes_and_records_every_round(secure_run, cohort)
     logged = client.get_run(summary["run_id"]).data.metrics
     assert any(key.startswith(f"site/{names[0]}/") for key in logged)
     assert client.get_run(summary["run_id"]).info.status == "FINISHED"
+    artifacts = {a.path for a in client.list_artifacts(summary["run_id"])}
+    assert {"adapter", "rounds.json", "rounds_train_loss.png"} <= artifacts, artifacts
 
 
 def test_secure_aggregate_equals_plain_aggregate_within_quantisation_error(secure_run, cohort, tmp_path, one_thread):

@@ -511,6 +511,27 @@ class RoundController:
         )  # fmt: skip
         return record
 
+    def publish(self, adapter_dir: Path) -> list[Path]:
+        """Attach the federation's results to its MLflow run: the final adapter (peft format), ``rounds.json`` and
+        round curves of the aggregated validation metrics and training loss. Returns the plot files."""
+        from fedmusk.training.plots import plot_round_curves
+
+        series: dict[str, list] = {}
+        for record in self.history:
+            values = {**record.aggregated}
+            losses = [v for v in record.train_loss.values() if math.isfinite(v)]
+            values["train_loss"] = sum(losses) / len(losses) if losses else None
+            for key in ("val_c_index", "val_auc", "val_loss", "train_loss"):
+                series.setdefault(key, []).append(values.get(key))
+        series = {k: v for k, v in series.items() if any(x is not None for x in v)}
+        plots = []
+        for key, values in series.items():
+            plots.append(plot_round_curves({key: values}, self.out_dir / f"rounds_{key}.png", "Federation", key))
+        for path in [self.out_dir / ROUNDS_FILE, *plots]:
+            self.tracker.log_artifact(path)
+        self.tracker.log_dir(adapter_dir, "adapter")
+        return plots
+
     def close(self, failed: bool = False) -> None:
         """End the MLflow run: FINISHED, or FAILED after an error."""
         self.tracker.finish("FAILED" if failed else "FINISHED")
