@@ -132,14 +132,6 @@ def sent_hashes(root: Path, federation_id: str, round: int) -> dict[str, str]:
     return {t["name"]: t["sha256"] for t in sends[-1]["tensors"]}
 
 
-@pytest.fixture()
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # what the simulation's one-CPU actors use; far faster on 2 shared cores
-    yield
-    torch.set_num_threads(threads)
-
-
 # --- end to end ------------------------------------------------------------------------------------------------
 
 
@@ -178,7 +170,7 @@ def test_secure_federation_completes_and_records_every_round(secure_run, cohort)
     assert {"adapter", "rounds.json", "rounds_train_loss.png"} <= artifacts, artifacts
 
 
-def test_secure_aggregate_equals_plain_aggregate_within_quantisation_error(secure_run, cohort, tmp_path, one_thread):
+def test_secure_aggregate_equals_plain_aggregate_within_quantisation_error(secure_run, cohort, tmp_path):
     """Each round's SecAgg+ aggregate against the plain example-weighted mean of the same sites' updates."""
     cfg, out, _ = secure_run
     fed = cfg.federation
@@ -226,7 +218,7 @@ def test_resume_continues_exactly_where_an_uninterrupted_run_would_be(secure_run
         simulate(cfg, cohort, out)  # a finished federation's folder is not silently overwritten
 
 
-def test_ffa_lora_aggregate_is_the_exact_mean_of_the_sites_updates(cohort, tmp_path, tracked, one_thread):
+def test_ffa_lora_aggregate_is_the_exact_mean_of_the_sites_updates(cohort, tmp_path, tracked):
     cfg = tracked("federation.strategy=ffa", "train.lora.ffa=true", "federation.secure_aggregation=false",
                  "federation.rounds=1")  # fmt: skip
     out = tmp_path / "ffa"

@@ -40,13 +40,6 @@ MUSK_MASK_ID, MUSK_VOCAB = 64001, 64010
 STEPS = 20
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest single-threaded; with the CPU shared, extra threads only contend (20x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def texts(batch=4, length=24, seed=0):

@@ -34,12 +34,6 @@ from _validation_helpers import write_tiles
 TINY = ["data.tile_size=96", "data.batch_size=8"]  # tiles at the tiny model's own size
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -24,13 +24,6 @@ from fedmusk.training.pretrain_data import read_pretrain_folder, split_document
 OBJECTIVES = ("mlm", "mim", "clip")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest single-threaded; with the CPU shared, extra threads only contend (20x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
