@@ -37,6 +37,7 @@ bench: $(STAMP) $(REAL_SVS)
 	$(BIN)/python benchmarks/bench_model.py
 	$(BIN)/python benchmarks/bench_data.py
 	$(BIN)/python benchmarks/bench_train.py
+	$(BIN)/python benchmarks/bench_federation.py
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache
