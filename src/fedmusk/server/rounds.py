@@ -115,13 +115,6 @@ def check_federation_config(cfg: FedMuskConfig) -> None:
     build_server_optimizer(fed.server_optimizer, eta=fed.server_lr)  # ValueError names a bad optimiser
 
 
-class _TileWidth:
-    """What OutcomeTrainer needs from a FeatureStore to lay out its heads: only the tile feature width."""
-
-    def __init__(self, dim: int):
-        self.dim = dim
-
-
 def adapter_trainer(cfg: FedMuskConfig):
     """An OutcomeTrainer built from the configuration alone (no site data): the model that holds the adapter.
 
@@ -134,8 +127,7 @@ def adapter_trainer(cfg: FedMuskConfig):
     seed_everything(cfg.seed)
     changes = {"img_size": cfg.model.img_size} if cfg.model.img_size else {}
     base = create_model(cfg.model.preset, weights=None, device="cpu", **changes)
-    width = base.config.embed_dim * (2 if cfg.model.ms_aug else 1)
-    return OutcomeTrainer(cfg, base, load_tokenizer(cfg.model), _TileWidth(width), "cpu")
+    return OutcomeTrainer(cfg, base, load_tokenizer(cfg.model), None, "cpu")  # heads sized from the config
 
 
 def initial_adapter_state(cfg: FedMuskConfig, phase: str = OUTCOME) -> StateDict:

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from fedmusk.data.errors import SiteDataError
-from fedmusk.data.prepare import TilingSettings, model_fingerprint, prepare_site, read_cache
+from fedmusk.data.prepare import TilingSettings, is_current, model_fingerprint, prepare_site, read_cache
 from fedmusk.data.slides import open_slide
 from fedmusk.data.tiles import read_tile
 from fedmusk.musk_model.transforms import musk_transform
@@ -26,13 +26,10 @@ class FeatureStore:
         self.progress = progress
         self._features: dict[tuple[Path, str], torch.Tensor] = {}
 
-    @property
-    def dim(self) -> int:
-        return self.model.config.embed_dim * (2 if self.ms_aug else 1)
-
     def ensure(self, site_root: Path, slides: list[str]) -> None:
         """Embed every slide whose cache is missing or was made by another model or setting."""
-        stale = [s for s in slides if (c := read_cache(site_root, s)) is None or c.fingerprint != self.fingerprint]
+        embed = self.model is not None
+        stale = [s for s in slides if not is_current(read_cache(site_root, s), self.fingerprint, self.tiling, embed)]
         if not stale:
             return
         transform = musk_transform(self.model.config.img_size) if self.model is not None else None
@@ -47,7 +44,7 @@ class FeatureStore:
         key = (site_root, slide)
         if key not in self._features:
             cached = read_cache(site_root, slide)
-            if cached is None or cached.fingerprint != self.fingerprint or cached.features is None:
+            if not is_current(cached, self.fingerprint, self.tiling, features=True):
                 raise SiteDataError("slide has no current tile features; run 'fedmusk prepare'", path=slide)
             if cached.features.shape[0] == 0:
                 raise SiteDataError("no tissue tiles were found on this slide", path=slide)
