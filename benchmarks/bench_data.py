@@ -24,9 +24,7 @@ Writes benchmarks/results/bench_data.json and bench_data.md. Slides are built on
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -40,6 +38,7 @@ from fedmusk.data.tile_loader import iter_tile_batches
 from fedmusk.data.slides import open_slide
 from fedmusk.data.tiles import tile_grid
 from fedmusk.musk_model import create_model, musk_transform
+from _report import cpu_name, write_report  # noqa: E402 - sibling module in benchmarks/
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -133,14 +132,6 @@ def pipeline_rate(path: Path, coords, batch: int, workers: int, threads: int, re
 # -- report ----------------------------------------------------------------------------------------------------------
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def markdown(report: dict) -> str:
@@ -272,9 +263,7 @@ def main(argv=None) -> int:
     }  # fmt: skip
     table = markdown(report)
     print(table)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "bench_data.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out_dir / "bench_data.md").write_text(table)
+    write_report(args.out_dir, "bench_data", report, table)
     return 0
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import signal
 import statistics
 import subprocess
@@ -33,6 +32,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from _report import cpu_name, write_report  # noqa: E402 - sibling module in benchmarks/
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -419,14 +419,6 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def ints(text: str) -> list[int]:
@@ -489,7 +481,6 @@ def main(argv=None) -> int:
         if "vector" in sections:
             variants = report["bytes"]["variants"]
             from fedmusk.config import load_config
-            from fedmusk.musk_model.lora import adapter_state  # noqa: F401  (tiny adapter length below)
 
             tiny_len = tiny_adapter_len(load_config([REPO / "configs" / "demo.yaml"], TINY_OVERRIDES))
             lengths = {"tiny demo adapter (report fusion)": tiny_len + 1,
@@ -509,9 +500,7 @@ def main(argv=None) -> int:
     report["environment"]["load_after"] = [round(v, 2) for v in os.getloadavg()]
     table = markdown(report)
     print(table)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(report, indent=1) + "\n")
-    (args.out_dir / "bench_federation.md").write_text(table)
+    write_report(args.out_dir, "bench_federation", report, table, indent=1)
     return 0
 
 

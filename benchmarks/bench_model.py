@@ -19,6 +19,7 @@ Writes benchmarks/results/bench_model.json and bench_model.md.
 
 from __future__ import annotations
 
+from _report import cpu_name, write_report
 import argparse
 import copy
 import json
@@ -338,14 +339,6 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv=None) -> int:
@@ -382,9 +375,7 @@ def main(argv=None) -> int:
     }
     table = markdown(report)
     print("\n" + table)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "bench_model.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out_dir / "bench_model.md").write_text(table)
+    write_report(args.out_dir, "bench_model", report, table)
     return 0
 
 

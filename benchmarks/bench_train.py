@@ -19,9 +19,7 @@ Writes benchmarks/results/bench_train.json and bench_train.md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -34,6 +32,7 @@ from fedmusk.config import load_config
 from fedmusk.data.prepare import cache_dir, read_cache
 from fedmusk.data.synth import synthesize_cohort
 from fedmusk.training.site import SiteSession
+from _report import cpu_name, write_report  # noqa: E402 - sibling module in benchmarks/
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -96,14 +95,6 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main(argv=None) -> int:
@@ -133,9 +124,7 @@ def main(argv=None) -> int:
     }  # fmt: skip
     table = markdown(report)
     print(table)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "bench_train.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out_dir / "bench_train.md").write_text(table)
+    write_report(args.out_dir, "bench_train", report, table)
     return 0
 
 

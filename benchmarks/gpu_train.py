@@ -22,7 +22,6 @@ Writes benchmarks/results/gpu_train.json and .md (gpu_train_smoke.* with --smoke
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -34,6 +33,7 @@ from fedmusk.musk_model import MuskConfig, MuskModel
 from fedmusk.musk_model.heads import CaseFusion, SurvivalHead, pad_bags
 from fedmusk.musk_model.lora import LoraSettings, apply_lora, task_heads, trainable_parameter_count
 from fedmusk.musk_model.losses import discrete_time_nll
+from _report import write_report  # noqa: E402 - sibling module in benchmarks/
 
 HERE = Path(__file__).resolve().parent
 GIB = 2**30
@@ -179,9 +179,7 @@ def main(argv=None) -> int:
     table = markdown(report)
     print(table)
     name = "gpu_train_smoke" if args.smoke else "gpu_train"
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out_dir / f"{name}.md").write_text(table)
+    write_report(args.out_dir, name, report, table)
     return 0
 
 
