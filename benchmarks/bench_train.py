@@ -45,7 +45,7 @@ MODES = {
 
 def epoch_load(session: SiteSession) -> dict:
     """Cases, slides and tiles one training epoch consumes."""
-    cases = session.trainer._usable(session.splits["train"])
+    cases = session.trainer.usable_cases(session.splits["train"])
     bag = session.cfg.train.bag_size
     tiles = sum(min(bag, read_cache(c.site_root, s).coords.shape[0]) for c in cases for s in c.slides)
     return {"cases": len(cases), "slides": sum(len(c.slides) for c in cases), "tiles": tiles}

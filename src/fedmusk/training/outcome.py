@@ -107,7 +107,8 @@ class OutcomeTrainer:
 
     # -- inputs ------------------------------------------------------------------------------------------------------
 
-    def _usable(self, cases: list[CaseRecord]) -> list[CaseRecord]:
+    def usable_cases(self, cases: list[CaseRecord]) -> list[CaseRecord]:
+        """The cases this task learns from: all for survival, those with a response label for response."""
         if self.cfg.train.task == "response":
             return [c for c in cases if c.response is not None]
         return list(cases)
@@ -161,7 +162,7 @@ class OutcomeTrainer:
         """One pass over ``cases`` in shuffled mini-batches. ``proximal(model) -> Tensor`` adds a FedProx term.
 
         Returns the mean loss and the number of cases seen."""
-        cases = self._usable(cases)
+        cases = self.usable_cases(cases)
         self.model.train()
         order = torch.randperm(len(cases), generator=self.generator).tolist()
         losses, seen = [], 0
@@ -188,7 +189,7 @@ class OutcomeTrainer:
 
     @torch.no_grad()
     def predict(self, cases: list[CaseRecord]) -> Predictions:
-        cases = self._usable(cases)
+        cases = self.usable_cases(cases)
         self.model.eval()
         risks, logits_all = [], []
         size = self.cfg.train.batch_cases

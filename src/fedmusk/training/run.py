@@ -39,7 +39,7 @@ def run_train(
     task = cfg.train.task
     start = time.perf_counter()
     session = SiteSession(cfg, site_roots)
-    sizes = {split: len(session.trainer._usable(cases)) for split, cases in session.splits.items()}
+    sizes = {split: len(session.trainer.usable_cases(cases)) for split, cases in session.splits.items()}
     mode = "centralized" if len(site_roots) > 1 else "local"
     console.print(f"{mode} {task} training on {len(site_roots)} site(s): {sizes}")
 

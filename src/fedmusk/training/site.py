@@ -54,7 +54,7 @@ class SiteSession:
 
     @property
     def num_train_cases(self) -> int:
-        return len(self.trainer._usable(self.splits["train"]))
+        return len(self.trainer.usable_cases(self.splits["train"]))
 
     def adapter_state(self) -> StateDict:
         return self.trainer.adapter_state()
