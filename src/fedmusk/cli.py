@@ -32,10 +32,15 @@ def _fail(message: str, code: int = 2) -> None:
 
 def _user_errors():
     """Errors that are the user's to fix: printed in one line, no traceback."""
+    from fedmusk.certs import CertError
+    from fedmusk.client.daemon import DaemonError
     from fedmusk.config import ConfigError
     from fedmusk.musk_model.weights import WeightsMismatchError
+    from fedmusk.server.coordinator import CoordinatorError
 
-    errors: tuple[type[BaseException], ...] = (ConfigError, WeightsMismatchError, FileNotFoundError)
+    errors: tuple[type[BaseException], ...] = (
+        ConfigError, WeightsMismatchError, FileNotFoundError, CertError, CoordinatorError, DaemonError,
+    )  # fmt: skip
     try:
         from fedmusk.data.errors import SiteDataError
 
@@ -204,6 +209,87 @@ def simulate(
     )
 
 
+@app.command()
+def server(
+    config: Annotated[Path, typer.Argument(help="The federation's YAML configuration (see configs/).")],
+    overrides: Overrides = None,
+    certs: Annotated[
+        Path | None, typer.Option(envvar="FEDMUSK_CERTS", help="Certificate folder from `fedmusk certs init`.")
+    ] = None,
+    state: Annotated[
+        Path, typer.Option(envvar="FEDMUSK_STATE", help="SuperLink database, logs and Flower's files.")
+    ] = Path("fedmusk-coordinator"),
+    out: Annotated[
+        Path | None,
+        typer.Option(envvar="FEDMUSK_OUT", help="Checkpoints, rounds, MLflow store, final adapter [STATE/federation]."),
+    ] = None,
+    host: Annotated[
+        str, typer.Option(envvar="FEDMUSK_HOST", help="Address to serve on; 0.0.0.0 to serve other machines.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(envvar="FEDMUSK_PORT", help="The HTTPS port hospitals connect to.")] = 9092,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the federation in --out from its last round.")] = False,
+    dev_insecure: Annotated[
+        bool, typer.Option("--dev-insecure", help="Development only: no TLS, no node authentication, loopback only.")
+    ] = False,
+) -> None:
+    """Coordinator: start a SuperLink (TLS, site authentication), run the federation, show its rounds."""
+    from fedmusk.server.coordinator import CoordinatorSettings, RoundFailed, run_coordinator
+
+    settings = CoordinatorSettings(
+        [config], list(overrides or []), certs=certs, state=state, out=out, host=host, port=port, resume=resume,
+        insecure=dev_insecure,
+    )  # fmt: skip
+    try:
+        summary = _run(run_coordinator, settings, console)
+    except RoundFailed as err:
+        _fail(f"the federation stopped: {err}", code=1)
+    except KeyboardInterrupt:
+        _fail("stopped; continue the federation with the same command and --resume", code=130)
+    console.print(f"{summary['rounds_completed']} rounds completed; final adapter in {summary['adapter']}")
+
+
+@app.command()
+def client(
+    site_root: Annotated[Path, typer.Argument(envvar="FEDMUSK_SITE", help="The site folder holding manifest.csv.")],
+    name: Annotated[str, typer.Option(envvar="FEDMUSK_SITE_NAME", help="This site's registered name.")],
+    superlink: Annotated[str, typer.Option(envvar="FEDMUSK_SUPERLINK", help="The coordinator's HOST:PORT.")],
+    ca: Annotated[
+        Path | None, typer.Option(envvar="FEDMUSK_CA", help="The federation's CA certificate (ca.crt).")
+    ] = None,
+    key: Annotated[
+        Path | None, typer.Option(envvar="FEDMUSK_KEY", help="This site's private key (site.key, mode 600).")
+    ] = None,
+    policy: Annotated[
+        Path | None,
+        typer.Option(envvar="FEDMUSK_POLICY", help="The site's egress policy [SITE_ROOT/site-policy.yaml or default]."),
+    ] = None,
+    runtime_port: Annotated[
+        int, typer.Option(envvar="FEDMUSK_RUNTIME_PORT", help="Local port between the SuperNode and its apps.")
+    ] = 9094,
+    log_file: Annotated[
+        Path | None, typer.Option(envvar="FEDMUSK_LOG_FILE", help="Local log [SITE_ROOT/.fedmusk/logs/client.log].")
+    ] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="Check slide headers only at start.")] = False,
+    registration_wait: Annotated[
+        float,
+        typer.Option(
+            envvar="FEDMUSK_REGISTRATION_WAIT", help="Seconds to keep trying while the coordinator refuses the key."
+        ),
+    ] = 180.0,
+    dev_insecure: Annotated[
+        bool, typer.Option("--dev-insecure", help="Development only: no TLS, no node authentication, loopback only.")
+    ] = False,
+) -> None:
+    """Hospital daemon: check the site, then run its SuperNode (TLS, site key) until stopped."""
+    from fedmusk.client.daemon import DaemonSettings, run_daemon
+
+    settings = DaemonSettings(
+        site_root, name, superlink, ca=ca, key=key, policy=policy, runtime_port=runtime_port, log_file=log_file,
+        quick=quick, registration_wait_s=registration_wait, insecure=dev_insecure,
+    )  # fmt: skip
+    raise typer.Exit(_run(run_daemon, settings, console))
+
+
 def _num(value) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
@@ -222,6 +308,14 @@ def _default_config(name: str) -> Path:
     _fail(f"default configuration {name} not found; pass --config")
     raise AssertionError  # unreachable
 
+
+def _mount_subcommands() -> None:
+    from fedmusk.certs_cli import app as certs_app
+
+    app.add_typer(certs_app, name="certs", help="Certificates and site keys for a TLS federation.")
+
+
+_mount_subcommands()
 
 if __name__ == "__main__":
     app()

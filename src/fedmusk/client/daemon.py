@@ -1,0 +1,240 @@
+"""``fedmusk client``: the hospital daemon.
+
+At start it checks everything the site controls and refuses to run, with one line saying what to fix, when
+something is wrong: the site data (as ``fedmusk validate`` does), the site's egress policy, the federation's CA
+certificate and the site's private key, and (when the coordinator is up) the SuperLink's TLS certificate. Then it
+runs Flower's SuperNode with TLS and the site key, its node config pointing at the site folder, and watches it:
+a SuperNode that stops for a transient reason is started again with back-off (the SuperNode itself retries lost
+connections), one that the coordinator refuses (key not registered) or cannot trust (wrong CA) stops the daemon
+with exit code 2, which the systemd unit does not restart.
+
+Everything the SuperNode and its ClientApp processes print goes through the site's scrubber (case ids, report
+text, the site folder's path) into ``<site>/.fedmusk/logs/client.log`` (0600) and the console; key material is
+never printed.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+
+from fedmusk.client.policy import SitePolicy
+from fedmusk.client.site_client import NODE_COORDINATOR, NODE_POLICY, NODE_SITE_NAME, NODE_SITE_ROOT, SITE_POLICY_FILE
+from fedmusk.supervise import (
+    LOOPBACK,
+    Child,
+    TLSVerificationError,
+    flower_env,
+    flower_executable,
+    probe_tls,
+    split_address,
+)
+
+SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+LOG_FILE = Path(".fedmusk") / "logs" / "client.log"
+BACKOFF_S = (2.0, 5.0, 15.0, 30.0, 60.0)
+STABLE_S = 300.0  # a SuperNode that ran this long before stopping starts again without waiting long
+
+# What Flower's SuperNode prints when the coordinator refuses the site's key (Flower 1.42: exit code 305 with
+# "[code: 2004] Failed to activate SuperNode") and when the SuperLink's certificate does not check out.
+KEY_REFUSED = ("Failed to activate SuperNode", "code: 2004", "PERMISSION_DENIED", "Unauthenticated")
+TLS_REFUSED = ("CERTIFICATE_VERIFY_FAILED", "certificate verify failed")
+
+
+class DaemonError(Exception):
+    """A reason the daemon refuses to start or stops for good: the operator must fix something."""
+
+
+@dataclass
+class DaemonSettings:
+    site_root: Path
+    name: str
+    superlink: str
+    ca: Path | None = None
+    key: Path | None = None
+    policy: Path | None = None
+    runtime_port: int = 9094
+    log_file: Path | None = None
+    quick: bool = False
+    registration_wait_s: float = 180.0  # keep trying this long while the coordinator does not accept the key
+    insecure: bool = False  # development only: no TLS, no node authentication, loopback SuperLink only
+
+
+def run_daemon(settings: DaemonSettings, console: Console) -> int:
+    """Check the site, then run its SuperNode until stopped (SIGTERM/SIGINT: exit code 0).
+
+    Raises DaemonError (and ConfigError/CertError/SiteDataError) for what the operator must fix."""
+    site_root = settings.site_root.resolve()
+    host, port = _check_arguments(settings, site_root)
+    policy_path = _check_site(settings, site_root, console)
+    fingerprint = _check_credentials(settings, host, port, console)
+
+    log_file = settings.log_file or site_root / LOG_FILE
+    scrub = _line_scrubber(site_root, console)
+    node_config = {
+        NODE_SITE_ROOT: str(site_root), NODE_SITE_NAME: settings.name, NODE_COORDINATOR: settings.superlink,
+        **({NODE_POLICY: str(policy_path)} if policy_path is not None else {}),
+    }  # fmt: skip
+    argv = [flower_executable("flower-supernode"), "--superlink", settings.superlink]
+    if settings.insecure:
+        argv.append("--insecure")
+    else:
+        argv += ["--root-certificates", str(settings.ca), "--auth-supernode-private-key", str(settings.key)]
+    argv += [
+        "--node-config", " ".join(f'{k}="{v}"' for k, v in node_config.items()),
+        "--port", str(settings.runtime_port),
+    ]  # fmt: skip
+
+    stopping = {"now": False}
+
+    def stop(signum, frame):  # noqa: ARG001 - signal handler signature
+        stopping["now"] = True
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    console.print(
+        f"site {settings.name}: data and policy checked; connecting to {settings.superlink}"
+        + (f" with key {fingerprint}" if fingerprint else " (development mode: no TLS)")
+    )
+    try:
+        return _supervise(argv, log_file, scrub, console, stopping, settings)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+# -- checks at start ---------------------------------------------------------------------------------------------
+
+
+def _check_arguments(settings: DaemonSettings, site_root: Path) -> tuple[str, int]:
+    if not site_root.is_dir():
+        raise DaemonError(f"site folder {settings.site_root} does not exist")
+    if not SITE_NAME.match(settings.name):
+        raise DaemonError(
+            f"site name {settings.name!r}: use 1-64 letters, digits, '.', '_' or '-' (the name the coordinator "
+            "registered with `fedmusk certs add-site`)"
+        )
+    try:
+        host, port = split_address(settings.superlink)
+    except ValueError as err:
+        raise DaemonError(str(err)) from None
+    if settings.insecure:
+        if host not in LOOPBACK:
+            raise DaemonError(f"--dev-insecure sends without TLS and is refused for SuperLink {host}: loopback only")
+    elif settings.ca is None or settings.key is None:
+        raise DaemonError("--ca and --key are required: the federation's ca.crt and this site's site.key")
+    return host, port
+
+
+def _check_site(settings: DaemonSettings, site_root: Path, console: Console) -> Path | None:
+    """Validate the site data and load the policy; returns the policy file used (None: the built-in default)."""
+    from fedmusk.data.validate import run_validate
+
+    if run_validate(site_root, console, check_slides=not settings.quick) != 0:
+        raise DaemonError(
+            f"the site data in {settings.site_root} has problems (listed above): fix them, check with "
+            "`fedmusk validate`, then start the client again"
+        )
+    policy_path = settings.policy
+    if policy_path is None and (site_root / SITE_POLICY_FILE).is_file():
+        policy_path = site_root / SITE_POLICY_FILE
+    if policy_path is None:
+        SitePolicy.default(site_root)
+        console.print("egress policy: the built-in default (LoRA factors and task heads only)")
+        return None
+    if not policy_path.is_file():
+        raise DaemonError(f"policy file {policy_path} does not exist")
+    policy = SitePolicy.load(policy_path, site_root)
+    console.print(f"egress policy: {policy_path.name} (site name {policy.site_name!r})")
+    return policy_path.resolve()
+
+
+def _check_credentials(settings: DaemonSettings, host: str, port: int, console: Console) -> str | None:
+    """The CA and key files, then the SuperLink's certificate if the SuperLink answers; returns the key's
+    fingerprint (safe to log)."""
+    if settings.insecure:
+        console.print("[bold yellow]warning:[/] development mode: no TLS, no node authentication")
+        return None
+    from fedmusk.certs import check_site_files
+
+    assert settings.ca is not None and settings.key is not None
+    fingerprint = check_site_files(settings.ca, settings.key)
+    try:
+        reachable = probe_tls(host, port, settings.ca)
+    except TLSVerificationError as err:
+        raise DaemonError(str(err)) from None
+    if not reachable:
+        console.print(f"the SuperLink at {host}:{port} does not answer yet; the SuperNode will keep trying")
+    return fingerprint
+
+
+def _line_scrubber(site_root: Path, console: Console):
+    """Output lines without the site's path, case ids or report text (the scrubber of the site's manifest)."""
+    from fedmusk.data.scrub import Scrubber
+
+    try:
+        scrubber = Scrubber.from_site(site_root)
+    except Exception as err:  # noqa: BLE001 - validation passed; a scrubber that cannot be built falls back
+        console.print(f"[yellow]warning:[/] site scrubber unavailable ({type(err).__name__}); masking the path only")
+        scrubber = None
+    paths = sorted({str(site_root), str(site_root.resolve())}, key=len, reverse=True)
+
+    def scrub(line: str) -> str:
+        for path in paths:
+            line = line.replace(path, "<site>")
+        return scrubber.text(line) if scrubber is not None else line
+
+    return scrub
+
+
+# -- the SuperNode -----------------------------------------------------------------------------------------------
+
+
+def _echo(console: Console):
+    return lambda line: console.print(line, markup=False, highlight=False)
+
+
+def _supervise(argv, log_file: Path, scrub, console: Console, stopping: dict, settings: DaemonSettings) -> int:
+    failures = 0
+    # A coordinator registers the site keys just after its SuperLink starts: a refusal in that window is not final.
+    refused_since: float | None = None
+    while not stopping["now"]:
+        node = Child("supernode", argv, log_file, env=flower_env(), line_filter=scrub, echo=_echo(console))
+        while node.wait(timeout=0.5) is None:
+            if stopping["now"]:
+                node.stop()
+                console.print(f"site {settings.name}: stopped")
+                return 0
+        code = node.returncode
+        ran = time.monotonic() - node.started
+        node.stop()
+        if stopping["now"]:
+            return 0
+        if node.saw(*TLS_REFUSED):
+            raise DaemonError(
+                f"the SuperLink's certificate does not check out against {settings.ca}: ask your coordinator for "
+                "the federation's ca.crt"
+            )
+        if node.saw(*KEY_REFUSED):
+            refused_since = refused_since if refused_since is not None else time.monotonic()
+            if time.monotonic() - refused_since >= settings.registration_wait_s:
+                raise DaemonError(
+                    f"the coordinator at {settings.superlink} does not accept this site's key: send site.pub (not "
+                    "site.key) to your coordinator to register it (`fedmusk certs add-site`), then start again"
+                )
+            console.print("[yellow]the coordinator does not accept this site's key (yet); trying again[/]")
+        else:
+            refused_since = None
+        failures = 0 if ran >= STABLE_S else failures + 1
+        wait = BACKOFF_S[min(failures, len(BACKOFF_S)) - 1] if failures else BACKOFF_S[0]
+        if refused_since is not None:
+            wait = min(wait, max(0.0, settings.registration_wait_s - (time.monotonic() - refused_since)))
+        console.print(f"[yellow]the SuperNode stopped (exit {code}); starting it again in {wait:g} s[/]")
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline and not stopping["now"]:
+            time.sleep(0.2)
+    return 0

@@ -1,0 +1,394 @@
+"""``fedmusk server``: the coordinator's one command for a real federation.
+
+It checks the configuration and the certificate folder, starts Flower's SuperLink with TLS, SuperNode
+authentication and a persistent state database, registers every site key of the certificate folder, launches the
+federation (fedmusk's ServerApp, configured by the YAML) as a Flower run, shows round progress from the run's own
+``rounds.json`` and stops the SuperLink when the run ends. ``--resume`` starts the same federation again from its
+last checkpoint in the output folder (after a crash or a stop); the SuperLink database keeps the registered sites.
+
+The state folder (``--state``) holds ``superlink.db``, ``logs/superlink.log``, Flower's CLI home (``flower/``) and
+the app description Flower packages for each run (``app/pyproject.toml``: no code, the components are the installed
+fedmusk's, so a coordinator and a hospital run exactly the fedmusk they installed). Nothing in it is patient data:
+sites send only scrubbed metrics and masked adapter updates, and the coordinator never learns the sites' paths.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from fedmusk.config import ConfigError, FedMuskConfig, load_config, to_yaml
+from fedmusk.server.checkpoint import load_latest
+from fedmusk.server.rounds import CHECKPOINT_DIR, ROUNDS_FILE, RoundFailed, check_federation_config
+from fedmusk.supervise import (
+    LOOPBACK,
+    Child,
+    connect_host,
+    flower_env,
+    flower_executable,
+    port_open,
+    run_flower_cli,
+)
+
+CONNECTION = "fedmusk"  # the name of the SuperLink connection in the state folder's Flower home
+STARTUP_TIMEOUT_S = 90.0
+PID_FILE = "superlink.pid"
+
+
+class CoordinatorError(Exception):
+    """Something the coordinator's operator must fix (settings, certificates, a SuperLink that does not start)."""
+
+
+@dataclass
+class CoordinatorSettings:
+    config_files: list[Path]
+    overrides: list[str] = field(default_factory=list)
+    certs: Path | None = None
+    state: Path = Path("fedmusk-coordinator")
+    out: Path | None = None  # default: <state>/federation
+    host: str = "127.0.0.1"
+    port: int = 9092
+    resume: bool = False
+    insecure: bool = False  # development only: no TLS, no node authentication, loopback only
+    poll_s: float = 2.0
+
+    @property
+    def out_dir(self) -> Path:
+        return (self.out if self.out is not None else self.state / "federation").resolve()
+
+
+def run_coordinator(settings: CoordinatorSettings, console: Console) -> dict[str, Any]:
+    """Run one federation (or resume it) on a SuperLink started here; returns the run's summary.
+
+    Raises CoordinatorError / ConfigError / CertError for what the operator must fix, RoundFailed when the
+    federation itself failed (too few sites, a halted round), KeyboardInterrupt when stopped (SIGINT or SIGTERM)."""
+    cfg = load_config(settings.config_files, settings.overrides)
+    check_federation_config(cfg)
+    tls = _check_security(settings, console)
+    out_dir = settings.out_dir
+    _check_out_dir(out_dir, settings.resume)
+
+    state = settings.state.resolve()
+    state.mkdir(parents=True, exist_ok=True, mode=0o700)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    env = flower_env({"FLWR_HOME": str(state / "flower")})
+    _write_flower_home(state / "flower", settings, tls)
+    app_dir = _write_app(state / "app")
+    run_config = _write_run_config(state / "run-config.toml", cfg, out_dir, settings.resume)
+
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    _stop_stale_superlink(state, console)
+    superlink = _start_superlink(settings, state, tls, env)
+    (state / PID_FILE).write_text(f"{superlink.pid}\n")
+    try:
+        _wait_until_serving(superlink, settings)
+        if tls is not None:
+            _register_sites(tls["sites"], env, console)
+        run_id = _launch(app_dir, run_config, env)
+        (out_dir / "deployment.json").write_text(
+            json.dumps({"flower_run_id": run_id, "resumed": settings.resume, "started": time.time()}, indent=1)
+        )
+        console.print(
+            f"federation {'resumed' if settings.resume else 'started'}: Flower run {run_id}, "
+            f"{cfg.federation.pretrain_rounds + cfg.federation.rounds} rounds, strategy {cfg.federation.strategy}, "
+            f"secure aggregation {'on' if cfg.federation.secure_aggregation else 'off'}; results in {out_dir}"
+        )
+        status = _follow(run_id, superlink, cfg, out_dir, env, settings.poll_s, console)
+        if status != "finished:completed":
+            hint = (
+                "after fixing the cause, continue with --resume"
+                if load_latest(out_dir / CHECKPOINT_DIR) is not None
+                else "no round completed: after fixing the cause, start again without --resume"
+            )
+            raise RoundFailed(f"{_failure_reason(run_id, status, env)}; {hint}")
+        return _summary(out_dir, run_id)
+    finally:
+        superlink.stop()
+        (state / PID_FILE).unlink(missing_ok=True)
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_interrupt(signum, frame):  # noqa: ARG001 - signal handler signature
+    raise KeyboardInterrupt
+
+
+# -- before starting ---------------------------------------------------------------------------------------------
+
+
+def _check_security(settings: CoordinatorSettings, console: Console) -> dict[str, Any] | None:
+    """The TLS files and registered site keys, checked; None in development mode (which only loopback allows)."""
+    if settings.insecure:
+        if settings.host not in LOOPBACK:
+            raise CoordinatorError(
+                f"--dev-insecure serves without TLS or node authentication and is refused on --host {settings.host}: "
+                "use it on 127.0.0.1 only"
+            )
+        console.print("[bold yellow]warning:[/] development mode: no TLS, no node authentication (loopback only)")
+        return None
+    from fedmusk.certs import check_server_files, site_public_keys
+
+    if settings.certs is None:
+        raise CoordinatorError("--certs is required: the folder made by `fedmusk certs init` (or use --dev-insecure)")
+    certs = settings.certs.resolve()  # the SuperLink runs in the state folder
+    paths = check_server_files(certs, host=settings.host)
+    sites = site_public_keys(certs)
+    if not sites:
+        raise CoordinatorError(
+            f"no site is registered in {settings.certs / 'sites'}: run `fedmusk certs add-site` for each hospital"
+        )
+    return {"paths": paths, "sites": sites}
+
+
+def _check_out_dir(out_dir: Path, resume: bool) -> None:
+    checkpoints = out_dir / CHECKPOINT_DIR
+    if resume and load_latest(checkpoints) is None:
+        raise CoordinatorError(f"nothing to resume: {out_dir} holds no completed round (start without --resume)")
+    if not resume and checkpoints.is_dir() and any(checkpoints.iterdir()):
+        raise CoordinatorError(
+            f"{out_dir} already holds a federation's checkpoints: continue it with --resume or choose another --out"
+        )
+
+
+def _write_flower_home(home: Path, settings: CoordinatorSettings, tls: dict[str, Any] | None) -> None:
+    """The Flower CLI's configuration: one SuperLink connection, to the SuperLink this command starts."""
+    home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]"]
+    lines.append(f'address = "{connect_host(settings.host)}:{settings.port}"')
+    if tls is None:
+        lines.append("insecure = true")
+    else:
+        lines.append(f'root-certificates = "{Path(tls["paths"].ca_cert).resolve()}"')
+    (home / "config.toml").write_text("\n".join(lines) + "\n")
+
+
+def _write_app(app_dir: Path) -> Path:
+    """The Flower app description for ``flwr run``: fedmusk's installed ServerApp and ClientApp, no code."""
+    from fedmusk import __version__
+
+    app_dir.mkdir(parents=True, exist_ok=True)
+    (app_dir / "pyproject.toml").write_text(
+        f"""# Written by `fedmusk server`: Flower packages this folder for each run. It holds no code: the components
+# below resolve to the fedmusk installed on the coordinator and on each hospital's machine.
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "fedmusk-federation"
+version = "{__version__}"
+description = "fedmusk federation"
+license = "Apache-2.0"
+dependencies = []
+
+[tool.flwr.app]
+publisher = "fedmusk"
+
+[tool.flwr.app.components]
+serverapp = "fedmusk.server.server_app:app"
+clientapp = "fedmusk.client.client_app:app"
+
+[tool.flwr.app.config]
+fedmusk-config = ""
+out-dir = "fedmusk-out"
+resume = false
+"""
+    )
+    return app_dir
+
+
+def _write_run_config(path: Path, cfg: FedMuskConfig, out_dir: Path, resume: bool) -> Path:
+    """The run's configuration as a TOML file for ``flwr run --run-config`` (JSON strings are valid TOML)."""
+    text = "\n".join([
+        f"fedmusk-config = {json.dumps(to_yaml(cfg))}",
+        f"out-dir = {json.dumps(str(out_dir))}",
+        f"resume = {'true' if resume else 'false'}",
+    ])  # fmt: skip
+    path.write_text(text + "\n")
+    return path
+
+
+# -- the SuperLink -----------------------------------------------------------------------------------------------
+
+
+def _start_superlink(
+    settings: CoordinatorSettings, state: Path, tls: dict[str, Any] | None, env: dict[str, str]
+) -> Child:
+    argv = [flower_executable("flower-superlink")]
+    if tls is None:
+        argv.append("--insecure")
+    else:
+        p = tls["paths"]
+        argv += [
+            "--ssl-ca-certfile", str(p.ca_cert), "--ssl-certfile", str(p.server_cert),
+            "--ssl-keyfile", str(p.server_key), "--enable-supernode-auth",
+        ]  # fmt: skip
+    argv += [
+        "--database", str(state / "superlink.db"), "--disable-runtime-dependency-installation",
+        "--host", settings.host, "--port", str(settings.port),
+    ]  # fmt: skip
+    return Child("superlink", argv, state / "logs" / "superlink.log", env=env, cwd=state)
+
+
+def _stop_stale_superlink(state: Path, console: Console) -> None:
+    """Stop the SuperLink (and the ServerApp under it) that a crashed earlier coordinator left running on this state
+    folder, so the database and port are free; a process that is not that SuperLink is left alone."""
+    pid_file = state / PID_FILE
+    try:
+        pid = int(pid_file.read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except (OSError, ValueError):
+        pid_file.unlink(missing_ok=True)
+        return
+    if "flower-superlink" in cmdline and str(state / "superlink.db") in cmdline:
+        console.print(f"[yellow]stopping the SuperLink (pid {pid}) left running by an earlier coordinator[/]")
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                break
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
+                time.sleep(0.2)
+    pid_file.unlink(missing_ok=True)
+
+
+def _wait_until_serving(superlink: Child, settings: CoordinatorSettings) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if not superlink.alive():
+            last = " | ".join(line for line in superlink.tail(5) if line.strip())
+            raise CoordinatorError(f"the SuperLink stopped at start (exit {superlink.returncode}): {last}")
+        if port_open(settings.host, settings.port) and superlink.saw("Application startup complete"):
+            return
+        time.sleep(0.5)
+    raise CoordinatorError(f"the SuperLink did not open port {settings.port} within {STARTUP_TIMEOUT_S:g} s")
+
+
+def _register_sites(sites: dict[str, Path], env: dict[str, str], console: Console) -> None:
+    """Register every site key with the SuperLink's node authentication; keys already known are fine."""
+    for name, public_key in sites.items():
+        done = run_flower_cli(
+            ["supernode", "register", str(public_key), CONNECTION, "--name", name, "--format", "json"], env
+        )
+        answer = _json_answer(done.stdout)
+        if answer.get("success"):
+            console.print(f"site {name}: key registered")
+        elif "already" in str(answer.get("error-message", "")).lower():
+            console.print(f"site {name}: key already registered")
+        else:
+            reason = answer.get("error-message") or (done.stderr or done.stdout).strip()[-300:]
+            raise CoordinatorError(f"could not register site {name}'s key with the SuperLink: {reason}")
+
+
+def _launch(app_dir: Path, run_config: Path, env: dict[str, str]) -> str:
+    done = run_flower_cli(["run", str(app_dir), CONNECTION, "--run-config", str(run_config), "--format", "json"], env)
+    answer = _json_answer(done.stdout)
+    if not answer.get("success") or "run-id" not in answer:
+        reason = answer.get("error-message") or (done.stderr or done.stdout).strip()[-300:]
+        raise CoordinatorError(f"the SuperLink did not accept the federation run: {reason}")
+    return str(answer["run-id"])
+
+
+def _json_answer(stdout: str) -> dict[str, Any]:
+    start = stdout.find("{")
+    try:
+        return json.loads(stdout[start:]) if start >= 0 else {}
+    except json.JSONDecodeError:
+        return {}
+
+
+# -- while it runs -----------------------------------------------------------------------------------------------
+
+
+def _follow(
+    run_id: str, superlink: Child, cfg: FedMuskConfig, out_dir: Path, env: dict[str, str], poll_s: float,
+    console: Console,
+) -> str:
+    """Show the rounds as ``rounds.json`` records them until the run finishes; returns Flower's final status."""
+    total = cfg.federation.pretrain_rounds + cfg.federation.rounds
+    columns = [TextColumn("[bold]federation"), BarColumn(), MofNCompleteColumn(), TextColumn("rounds"),
+               TextColumn("{task.fields[last]}"), TimeElapsedColumn()]  # fmt: skip
+    shown = 0
+    with Progress(*columns, console=console, transient=False, disable=not console.is_terminal) as progress:
+        task = progress.add_task("rounds", total=total, last="")
+        last_status_check = 0.0
+        while True:
+            if not superlink.alive():
+                raise CoordinatorError(
+                    f"the SuperLink stopped during the run (exit {superlink.returncode}); see its log, then --resume"
+                )
+            records = _read_rounds(out_dir)
+            for record in records[shown:]:
+                line = _round_line(record)
+                progress.update(task, completed=record.get("round", shown + 1), last=line)
+                if not console.is_terminal:
+                    console.print(f"round {record.get('round')}/{total}: {line}")
+            shown = max(shown, len(records))
+            if time.monotonic() - last_status_check >= max(poll_s, 3.0):
+                last_status_check = time.monotonic()
+                status = _run_status(run_id, env)
+                if status.startswith("finished"):
+                    return status
+            time.sleep(poll_s)
+
+
+def _read_rounds(out_dir: Path) -> list[dict[str, Any]]:
+    try:
+        records = json.loads((out_dir / ROUNDS_FILE).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):  # not yet written, or being replaced
+        return []
+    return records if isinstance(records, list) else []
+
+
+def _round_line(record: dict[str, Any]) -> str:
+    parts = [f"{record.get('replies', '?')}/{record.get('sampled', '?')} sites replied"]
+    agg = record.get("aggregated") or {}
+    for key in ("val_c_index", "val_auc"):
+        if isinstance(agg.get(key), (int, float)):
+            parts.append(f"{key} {agg[key]:.3f}")
+    if isinstance(record.get("seconds"), (int, float)):
+        parts.append(f"{record['seconds']:.0f} s")
+    return ", ".join(parts)
+
+
+def _run_status(run_id: str, env: dict[str, str]) -> str:
+    done = run_flower_cli(["list", CONNECTION, "--run-id", run_id, "--format", "json"], env)
+    for run in _json_answer(done.stdout).get("runs", []):
+        if str(run.get("run-id")) == run_id:
+            return str(run.get("status", ""))
+    return ""
+
+
+def _failure_reason(run_id: str, status: str, env: dict[str, str]) -> str:
+    """Why the ServerApp stopped, from the end of its log on the SuperLink (errors the sites sent are scrubbed)."""
+    done = run_flower_cli(["log", run_id, CONNECTION, "--show"], env, timeout_s=30)
+    lines = [line.strip() for line in done.stdout.splitlines() if line.strip()]
+    for marker in ("RoundFailed:", "ConfigError:", "Error:"):
+        hits = [line for line in lines if marker in line]
+        if hits:
+            return hits[-1].split(marker, 1)[1].strip() or hits[-1]
+    return f"the federation run ended as {status or 'unknown'}; `flwr log` shows no reason"
+
+
+def _summary(out_dir: Path, run_id: str) -> dict[str, Any]:
+    records = _read_rounds(out_dir)
+    summary = {
+        "flower_run_id": run_id,
+        "rounds_completed": len(records),
+        "last_round": records[-1] if records else None,
+        "adapter": str(out_dir / "adapter"),
+        "out_dir": str(out_dir),
+    }
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    return summary
+
+
+__all__ = ["ConfigError", "CoordinatorError", "CoordinatorSettings", "RoundFailed", "run_coordinator"]
