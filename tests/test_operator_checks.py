@@ -111,3 +111,13 @@ def test_client_refuses_a_policy_with_a_typo(site, certs):
 def test_client_refuses_a_superlink_address_without_a_port(site, certs):
     result = client(site, certs, "--superlink", "coordinator.example.org")
     one_line_error(result, "is not HOST:PORT")
+
+
+def test_client_refuses_a_runtime_port_already_in_use(site, certs):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        result = client(site, certs, "--runtime-port", str(taken.getsockname()[1]))
+    one_line_error(result, "--runtime-port")

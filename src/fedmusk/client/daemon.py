@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 import signal
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +75,7 @@ def run_daemon(settings: DaemonSettings, console: Console) -> int:
     policy_path = _check_site(settings, site_root, console)
     fingerprint = _check_credentials(settings, host, port, console)
 
+    _check_runtime_port(settings.runtime_port)
     log_file = settings.log_file or site_root / LOG_FILE
     scrub = _line_scrubber(site_root, console)
     node_config = {
@@ -170,6 +172,18 @@ def _check_credentials(settings: DaemonSettings, host: str, port: int, console: 
     if not reachable:
         console.print(f"the SuperLink at {host}:{port} does not answer yet; the SuperNode will keep trying")
     return fingerprint
+
+
+def _check_runtime_port(port: int) -> None:
+    """The SuperNode serves its ClientApp processes on 127.0.0.1:``port``; a port in use would make it fail at every
+    restart, so say so now (two daemons on one machine need a port each)."""
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            raise DaemonError(
+                f"local port {port} is in use (another fedmusk client?): give this site its own --runtime-port"
+            ) from None
 
 
 def _line_scrubber(site_root: Path, console: Console):

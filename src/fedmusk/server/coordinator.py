@@ -74,7 +74,7 @@ def run_coordinator(settings: CoordinatorSettings, console: Console) -> dict[str
     check_federation_config(cfg)
     tls = _check_security(settings, console)
     out_dir = settings.out_dir
-    _check_out_dir(out_dir, settings.resume)
+    _check_out_dir(out_dir, settings.resume, cfg.federation.pretrain_rounds + cfg.federation.rounds)
 
     state = settings.state.resolve()
     state.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -147,10 +147,17 @@ def _check_security(settings: CoordinatorSettings, console: Console) -> dict[str
     return {"paths": paths, "sites": sites}
 
 
-def _check_out_dir(out_dir: Path, resume: bool) -> None:
+def _check_out_dir(out_dir: Path, resume: bool, total_rounds: int) -> None:
     checkpoints = out_dir / CHECKPOINT_DIR
-    if resume and load_latest(checkpoints) is None:
-        raise CoordinatorError(f"nothing to resume: {out_dir} holds no completed round (start without --resume)")
+    if resume:
+        latest = load_latest(checkpoints)
+        if latest is None:
+            raise CoordinatorError(f"nothing to resume: {out_dir} holds no completed round (start without --resume)")
+        if latest.round >= total_rounds:
+            raise CoordinatorError(
+                f"nothing to resume: the federation in {out_dir} already completed all {total_rounds} rounds "
+                "(raise federation.rounds to continue training it)"
+            )
     if not resume and checkpoints.is_dir() and any(checkpoints.iterdir()):
         raise CoordinatorError(
             f"{out_dir} already holds a federation's checkpoints: continue it with --resume or choose another --out"
