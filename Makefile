@@ -33,11 +33,17 @@ demo: $(STAMP)
 test: $(STAMP) $(REAL_SVS)
 	$(BIN)/python -m pytest -q
 
+# Every CPU benchmark, at settings chosen to fit in an hour with the install on 2 cores that are not crowded by other
+# jobs (measured times: benchmarks/README.md), then benchmarks/results/summary.md. GPU numbers: benchmarks/gpu.sh.
+BENCH_MODEL_ARGS      ?= --repeats 3
+BENCH_FEDERATION_ARGS ?= --fresh
 bench: $(STAMP) $(REAL_SVS)
-	$(BIN)/python benchmarks/bench_model.py
+	$(BIN)/python benchmarks/bench_model.py $(BENCH_MODEL_ARGS)
 	$(BIN)/python benchmarks/bench_data.py
 	$(BIN)/python benchmarks/bench_train.py
-	$(BIN)/python benchmarks/bench_federation.py
+	$(BIN)/python benchmarks/bench_federation.py $(BENCH_FEDERATION_ARGS)
+	$(BIN)/python benchmarks/bench_utility.py
+	$(BIN)/python benchmarks/report.py
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache
