@@ -137,6 +137,19 @@ def test_tracker_artifacts_land_under_the_output_folder(store, tmp_path):
     assert listed == {"report.txt", "adapter", "config.yaml"}
 
 
+def test_a_shared_sqlite_store_keeps_artifacts_beside_it_not_in_the_working_folder(tmp_path, monkeypatch):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    started_in = tmp_path / "cwd"
+    started_in.mkdir()
+    monkeypatch.chdir(started_in)
+    (tmp_path / "report.txt").write_text("c-index 0.61")
+    with Tracker(tmp_path / "out", uri=f"sqlite:///{shared / 'mlflow.db'}", announce=False) as tracker:
+        tracker.log_artifact(tmp_path / "report.txt")
+    assert not (started_in / "mlruns").exists()
+    assert [p.name for p in (shared / "mlartifacts").rglob("report.txt")] == ["report.txt"]
+
+
 def test_tracker_marks_a_run_failed_when_the_federation_raises(store):
     with pytest.raises(RuntimeError), Tracker(store[0], announce=False) as tracker:
         raise RuntimeError("round 3 lost too many sites")

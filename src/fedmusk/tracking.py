@@ -65,7 +65,7 @@ class Tracker:
         else:
             exp = self._client.get_experiment_by_name(experiment)
             if exp is None:
-                location = (self.out_dir / "mlartifacts").as_uri() if local else None
+                location = (self.out_dir / "mlartifacts").as_uri() if local else _artifacts_beside(uri)
                 exp_id = self._client.create_experiment(experiment, artifact_location=location)
             else:
                 exp_id = exp.experiment_id
@@ -236,3 +236,12 @@ def _number(value: Any) -> float | None:
         return _number(value.item())
     return None
 
+
+def _artifacts_beside(uri: str) -> str | None:
+    """For a SQLite store: an artifact folder beside the database file. MLflow's own default is ``./mlruns`` in
+    whatever folder the process started from, which would scatter a federation's artifacts. Servers choose their
+    own artifact store (None)."""
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix):
+        return None
+    return (Path(uri[len(prefix):]).resolve().parent / "mlartifacts").as_uri()
