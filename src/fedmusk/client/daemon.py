@@ -145,7 +145,6 @@ def _check_site(settings: DaemonSettings, site_root: Path, console: Console) -> 
     if policy_path is None and (site_root / SITE_POLICY_FILE).is_file():
         policy_path = site_root / SITE_POLICY_FILE
     if policy_path is None:
-        SitePolicy.default(site_root)
         console.print("egress policy: the built-in default (LoRA factors and task heads only)")
         return None
     if not policy_path.is_file():

@@ -41,6 +41,7 @@ from fedmusk.supervise import (
 CONNECTION = "fedmusk"  # the name of the SuperLink connection in the state folder's Flower home
 STARTUP_TIMEOUT_S = 90.0
 PID_FILE = "superlink.pid"
+STATUS_POLL_S = 10.0  # seconds between `flwr list` checks of the run's status while rounds remain
 
 
 class CoordinatorError(Exception):
@@ -339,7 +340,10 @@ def _follow(
                 if not console.is_terminal:
                     console.print(f"round {record.get('round')}/{total}: {line}")
             shown = max(shown, len(records))
-            if time.monotonic() - last_status_check >= max(poll_s, 3.0):
+            # Each status check is a `flwr` process; while rounds remain, rounds.json shows progress and failures
+            # surface within STATUS_POLL_S. After the last round only publishing is left: look more often.
+            every = poll_s if shown >= total else STATUS_POLL_S
+            if time.monotonic() - last_status_check >= every:
                 last_status_check = time.monotonic()
                 status = _run_status(run_id, env)
                 if status.startswith("finished"):
