@@ -8,7 +8,7 @@ pass the typed sections down.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -159,6 +159,19 @@ def load_config(
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
         merged = _merge(merged, OmegaConf.from_dotlist([item]), f"override {item!r}")
+    return _typed(merged)
+
+
+def config_from_mapping(raw: Mapping[str, Any], source: str, schema: type = FedMuskConfig) -> Any:
+    """A plain mapping (parsed YAML, never resolved) checked against the schema like a file named ``source``."""
+    try:
+        layer = OmegaConf.create(dict(raw))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{source}: not a configuration ({_first_line(err)})") from None
+    return _typed(_merge(OmegaConf.structured(schema), layer, source))
+
+
+def _typed(merged) -> Any:
     try:
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:

@@ -25,15 +25,17 @@ import numpy as np  # noqa: E402
 
 from fedmusk.client.site_client import (  # noqa: E402
     NODE_PARTITION,
-    RUN_CONFIG,
     RUN_OUT_DIR,
     RUN_RESUME,
     RUN_SITE_ROOTS,
+    RUN_SITE_SETTINGS,
     SiteClient,
     site_address,
+    wire_run_config,
 )
-from fedmusk.config import ConfigError, FedMuskConfig, to_yaml  # noqa: E402
+from fedmusk.config import ConfigError, FedMuskConfig  # noqa: E402
 from fedmusk.server.checkpoint import list_rounds, load_latest  # noqa: E402
+from fedmusk.site_settings import site_local_settings  # noqa: E402
 from fedmusk.server.rounds import CHECKPOINT_DIR, ROUNDS_FILE, check_federation_config  # noqa: E402
 from fedmusk.strategies.aggregation import secure_sum_error_bound  # noqa: E402
 
@@ -66,8 +68,8 @@ def run_simulation_from_config(
         raise ConfigError(f"cannot resume: {out / CHECKPOINT_DIR} holds no complete checkpoint")
     out.mkdir(parents=True, exist_ok=True)
     run_config = {
-        RUN_CONFIG: to_yaml(cfg), RUN_SITE_ROOTS: json.dumps([str(r) for r in roots]), RUN_OUT_DIR: str(out),
-        RUN_RESUME: bool(resume),
+        **wire_run_config(cfg), RUN_SITE_SETTINGS: json.dumps(site_local_settings(cfg)),
+        RUN_SITE_ROOTS: json.dumps([str(r) for r in roots]), RUN_OUT_DIR: str(out), RUN_RESUME: bool(resume),
     }  # fmt: skip
     started = time.monotonic()
     run_simulation(

@@ -21,7 +21,7 @@ from flwr.client import Client, NumPyClient
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 
-from fedmusk.client.site_client import RUN_CONFIG, SiteClient, config_from_run_config, site_address
+from fedmusk.client.site_client import RUN_CONFIG, SiteClient, config_from_run_config, site_address, site_config
 
 
 class SiteError(RuntimeError):
@@ -90,7 +90,7 @@ def _site_client(run_config: Mapping[str, Any], node_config: Mapping[str, Any]) 
     address = site_address(node_config, run_config)
     key = (str(run_config.get(RUN_CONFIG)), repr(address))
     if key not in _SITES:
-        _SITES[key] = SiteClient.from_address(config_from_run_config(run_config), address)
+        _SITES[key] = SiteClient.from_address(site_config(run_config, node_config, address), address)
         while len(_SITES) > SITES_PER_PROCESS:
             _SITES.popitem(last=False)
     _SITES.move_to_end(key)

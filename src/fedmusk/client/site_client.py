@@ -21,7 +21,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,9 +32,19 @@ from safetensors.torch import load_file, save_file
 
 from fedmusk.client.audit import AuditLog
 from fedmusk.client.policy import EgressRefused, SitePolicy
-from fedmusk.config import ConfigError, FedMuskConfig, load_config
+from fedmusk.config import ConfigError, FedMuskConfig, to_yaml
 from fedmusk.data.scrub import Scrubber
 from fedmusk.runtime import seed_everything
+from fedmusk.site_settings import (
+    SITE_SETTINGS_FILE,
+    check_model_fingerprint,
+    load_site_settings,
+    model_fingerprint,
+    parse_config_data,
+    parse_coordinator_config,
+    with_site_settings,
+    without_site_local,
+)
 from fedmusk.strategies.aggregation import (
     SECURE_SUM_WEIGHT_KEY,
     SHARED_ROLES,
@@ -54,10 +63,13 @@ RUN_CONFIG = "fedmusk-config"  # the resolved configuration as YAML (run-config 
 RUN_SITE_ROOTS = "site-roots"  # simulation only: JSON list of site folders, indexed by the node's partition-id
 RUN_OUT_DIR = "out-dir"  # the coordinator's output folder (checkpoints, MLflow store)
 RUN_RESUME = "resume"  # continue from the last checkpoint in out-dir
+RUN_BASE_MODEL = "base-model"  # JSON: preset and sha256 of the weights and tokenizer every site must have
+RUN_SITE_SETTINGS = "site-settings"  # simulation only: JSON of the site-local settings (deployed sites have a file)
 
 NODE_SITE_ROOT = "site-root"  # the site folder
 NODE_POLICY = "policy"  # the site's policy file; default <site folder>/site-policy.yaml when present
 NODE_SITE_NAME = "site-name"  # the name the coordinator sees; default the policy's site_name or the folder name
+NODE_SETTINGS = "settings"  # the site's settings file; default <site folder>/site-settings.yaml when present
 NODE_COORDINATOR = "coordinator"  # who the site believes it sends to, checked against allowed_recipients
 NODE_PARTITION = "partition-id"  # simulation only
 
@@ -86,25 +98,43 @@ def round_phase(cfg: FedMuskConfig, round: int) -> str:
 
 
 def config_from_yaml(text: str) -> FedMuskConfig:
-    """The configuration carried in a run config as YAML, validated against the schema like a file.
+    """A configuration written by ``to_yaml`` (a checkpoint's, a run's), read as plain data against the schema.
 
-    Raises ConfigError naming the key for unknown keys and bad values."""
-    fd, path = tempfile.mkstemp(suffix=".yaml", prefix="fedmusk-run-")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        return load_config([path])
-    except ConfigError as err:
-        raise ConfigError(str(err).replace(path, f"run config '{RUN_CONFIG}'")) from None
-    finally:
-        os.unlink(path)
+    Raises ConfigError naming the key for unknown keys, bad values and interpolation."""
+    return parse_config_data(text, f"run config '{RUN_CONFIG}'")
 
 
 def config_from_run_config(run_config: Mapping[str, Any]) -> FedMuskConfig:
-    """The FedMuskConfig of a run; ConfigError when the run config lacks it."""
+    """The FedMuskConfig a coordinator sent with a run (site-local keys at their defaults); ConfigError when the
+    run config lacks it or it is not plain data (see ``fedmusk.site_settings.parse_coordinator_config``)."""
     if RUN_CONFIG not in run_config or not str(run_config[RUN_CONFIG]).strip():
         raise ConfigError(f"the run config has no '{RUN_CONFIG}' (the fedmusk configuration as YAML)")
-    return config_from_yaml(str(run_config[RUN_CONFIG]))
+    return parse_coordinator_config(str(run_config[RUN_CONFIG]), f"the coordinator's run config '{RUN_CONFIG}'")
+
+
+def wire_run_config(cfg: FedMuskConfig) -> dict[str, str]:
+    """What a coordinator (or a simulation) sends about ``cfg``: the configuration without site-local settings and
+    the fingerprint of the base model every site must train. Raises ConfigError for an unreadable model file."""
+    return {RUN_CONFIG: to_yaml(without_site_local(cfg)), RUN_BASE_MODEL: json.dumps(model_fingerprint(cfg))}
+
+
+def site_config(run_config: Mapping[str, Any], node_config: Mapping[str, Any], address: SiteAddress) -> FedMuskConfig:
+    """The configuration this site trains with: the coordinator's, completed with the site's own settings (a
+    deployed site's ``site-settings.yaml`` or node config ``settings``; in simulation the researcher's, carried as
+    ``site-settings``), after checking that the site's base model is the run's.
+
+    Raises ConfigError naming the key or file that does not fit."""
+    cfg = config_from_run_config(run_config)
+    if NODE_SITE_ROOT in node_config:  # deployed: the site's own file, never anything the coordinator sends
+        if RUN_SITE_SETTINGS in run_config:
+            raise ConfigError(f"the coordinator's run config carries '{RUN_SITE_SETTINGS}': a site chooses its own")
+        settings = load_site_settings(address.settings)
+    else:
+        settings = json.loads(str(run_config.get(RUN_SITE_SETTINGS, "{}")))
+    cfg = with_site_settings(cfg, settings)
+    if RUN_BASE_MODEL in run_config:
+        check_model_fingerprint(json.loads(str(run_config[RUN_BASE_MODEL])), cfg)
+    return cfg
 
 
 @dataclass(frozen=True)
@@ -115,6 +145,7 @@ class SiteAddress:
     policy: Path | None
     name: str | None
     recipient: str | None
+    settings: Path | None = None  # the site's site-settings.yaml (deployment)
 
 
 def site_address(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> SiteAddress:
@@ -135,11 +166,14 @@ def site_address(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) 
     policy = node_config.get(NODE_POLICY)
     if policy is None and (root / SITE_POLICY_FILE).is_file():
         policy = root / SITE_POLICY_FILE
+    settings = node_config.get(NODE_SETTINGS)
+    if settings is None and (root / SITE_SETTINGS_FILE).is_file():
+        settings = root / SITE_SETTINGS_FILE
     name = node_config.get(NODE_SITE_NAME)
     recipient = node_config.get(NODE_COORDINATOR, "simulation" if NODE_PARTITION in node_config else None)
     return SiteAddress(
         root, None if policy is None else Path(str(policy)), None if name is None else str(name),
-        None if recipient is None else str(recipient),
+        None if recipient is None else str(recipient), None if settings is None else Path(str(settings)),
     )  # fmt: skip
 
 
