@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 
 from fedmusk.certs import add_site, init_ca, site_key_pair
 from fedmusk.data.synth import synthesize_cohort
+from fedmusk.server.coordinator import _write_app
 
 pytestmark = pytest.mark.slow
 
@@ -156,9 +157,10 @@ def server(world, env, name: str, *args: str) -> Proc:
 
 
 def client(world, env, name: str, site: str, ca: Path, key: Path, *args: str) -> Proc:
+    world.setdefault("runtime_ports", {})[name] = port = free_port()
     return Proc(
         ["client", str(world["sites"][site]), "--name", site, "--superlink", f"127.0.0.1:{world['port']}",
-         "--ca", str(ca), "--key", str(key), "--runtime-port", str(free_port()), "--quick", *args],
+         "--ca", str(ca), "--key", str(key), "--runtime-port", str(port), "--quick", *args],
         world["root"] / f"{name}.client.log", env,
     )  # fmt: skip
 
@@ -190,6 +192,7 @@ def first_run(world, env):
     outcomes = {"stranger": stranger.wait(180), "wrong_ca": wrong_ca.wait(120)}
     outcomes["stranger_output"], outcomes["wrong_ca_output"] = stranger.output(), wrong_ca.output()
     code = coordinator.wait(RUN_TIMEOUT_S)
+    outcomes["sites_output"] = {site: world["daemons"][site].output() for site in SITES}
     return {"code": code, "output": coordinator.output(), "out": world["root"] / "first", **outcomes}
 
 
@@ -202,6 +205,39 @@ def test_tls_federation_with_registered_sites_completes_two_secure_rounds(first_
     assert set(history[-1]["per_site"]) <= set(SITES), history[-1]
     assert (first_run["out"] / "adapter" / "adapter_model.safetensors").is_file()
     assert "2 rounds completed" in first_run["output"]
+
+
+def test_each_site_builds_its_model_once_per_run_not_once_per_message(first_run):
+    assert first_run["code"] == 0
+    for site, output in first_run["sites_output"].items():
+        messages = re.findall(r"(train|evaluate) message of run \d+ received", output)
+        assert len(messages) >= 10, (site, messages)  # 2 SecAgg+ rounds: 4 training stages and 1 evaluation each
+        assert output.count("outcome model built") == 1, output[-3000:]
+        assert "flwr-clientapp" not in output  # no per-message ClientApp process, no bundle installed
+
+
+def test_a_sites_runtime_port_serves_task_claims_only_with_its_secret(first_run, world):
+    import httpx
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest
+    from flwr.supercore.interceptors import SuperExecAuthHttpInterceptor
+    from flwr.supercore.runtime import RuntimeHttpClient
+
+    from fedmusk.client.worker import ACQUIRE_METHOD, CLIENT_TASK
+
+    assert first_run["code"] == 0
+    address = f"127.0.0.1:{world['runtime_ports']['site-1']}"
+    secret = (world["sites"]["site-1"] / ".fedmusk" / "runtime" / "superexec.secret").read_bytes()
+    request = AcquireTaskRequest(supported_task_types=[CLIENT_TASK])
+    for wrong in (None, b"a guess"):
+        interceptors = [] if wrong is None else [
+            SuperExecAuthHttpInterceptor(master_secret=wrong, protected_methods={ACQUIRE_METHOD})
+        ]  # fmt: skip
+        stranger = RuntimeHttpClient.from_server_address(address, True, None, interceptors)
+        with pytest.raises(httpx.HTTPStatusError) as refused:
+            stranger.AcquireTask(request)
+        assert refused.value.response.status_code in (401, 403)
+    signed = [SuperExecAuthHttpInterceptor(master_secret=secret, protected_methods={ACQUIRE_METHOD})]
+    assert not RuntimeHttpClient.from_server_address(address, True, None, signed).AcquireTask(request).token
 
 
 def test_client_with_an_unregistered_key_is_refused(first_run):
@@ -266,7 +302,71 @@ def test_coordinator_killed_after_round_one_resumes_to_the_same_result(first_run
         assert first[name].equal(again[name]), name
 
 
-def test_a_hospital_lost_mid_round_leaves_a_round_completed_by_the_others(first_run, world, env):
+EVIL_SERVER = """\
+import json, time
+from pathlib import Path
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context) -> None:
+    nodes, deadline = [], time.time() + 120
+    while len(nodes) < 3 and time.time() < deadline:
+        nodes = list(grid.get_node_ids())
+        time.sleep(1)
+    messages = [Message(RecordDict({"config": ConfigRecord({"round": 1})}), dst_node_id=n, message_type="train")
+                for n in nodes]
+    replies = list(grid.send_and_receive(messages, timeout=180))
+    answers = [r.error.reason if r.has_error() else "content" for r in replies]
+    Path(MARKERS, "server-done.json").write_text(json.dumps(answers))
+"""
+SHADOW_CLIENT = """\
+import os
+from pathlib import Path
+Path(MARKERS, f"client-ran-{os.getpid()}").write_text("this code ran at a hospital")
+from flwr.clientapp import ClientApp
+app = ClientApp()
+"""
+
+
+def test_a_foreign_app_bundle_runs_no_code_at_any_hospital(first_run, world, env, tmp_path):
+    """A bundle submitted on the coordinator's own Control API that would shadow fedmusk at the hospitals."""
+    assert first_run["code"] == 0
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    evil = tmp_path / "evil-app"
+    _write_app(evil)  # the coordinator's own app description, then code added as an attacker would
+    project = evil / "pyproject.toml"
+    project.write_text(project.read_text().replace("fedmusk.server.server_app:app", "evil_server:app"))
+    (evil / "evil_server.py").write_text(EVIL_SERVER.replace("MARKERS", repr(str(markers))))
+    (evil / "fedmusk" / "client").mkdir(parents=True)
+    (evil / "fedmusk" / "__init__.py").write_text("")
+    (evil / "fedmusk" / "client" / "__init__.py").write_text("")
+    (evil / "fedmusk" / "client" / "client_app.py").write_text(SHADOW_CLIENT.replace("MARKERS", repr(str(markers))))
+    audits = {site: root / ".fedmusk" / "audit.jsonl" for site, root in world["sites"].items()}
+    coordinator = server(world, env, "foreign", "federation.secure_aggregation=false", "federation.rounds=1")
+    coordinator.wait_for(r"federation started", 120)
+    submitted = subprocess.run(
+        [str(Path(sys.executable).parent / "flwr"), "run", str(evil), "fedmusk", "--format", "json"],
+        env={**env, "FLWR_HOME": str(world["state"] / "flower")}, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert '"success": true' in submitted.stdout, submitted.stdout + submitted.stderr
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while not (markers / "server-done.json").is_file() and time.monotonic() < deadline:
+        time.sleep(1)
+    assert coordinator.wait(RUN_TIMEOUT_S) == 0, coordinator.output()[-3000:]
+    answers = json.loads((markers / "server-done.json").read_text())
+    assert len(answers) == 3 and all("refused the run's app bundle" in a for a in answers), answers
+    assert not list(markers.glob("client-ran-*")), "bundle code ran at a hospital"
+    for site, audit in audits.items():
+        refusals = [e for e in map(json.loads, audit.read_text().splitlines()) if e["event"] == "refused-bundle"]
+        assert refusals and "fedmusk/client/client_app.py" in refusals[-1]["reasons"][0], site
+
+
+def test_a_site_worker_killed_mid_round_is_restarted_and_the_round_completes(first_run, world, env):
     assert first_run["code"] == 0
     victim = world["daemons"]["site-3"]
     before = len(victim.output())
@@ -274,11 +374,18 @@ def test_a_hospital_lost_mid_round_leaves_a_round_completed_by_the_others(first_
         world, env, "lost", "federation.secure_aggregation=false", "federation.rounds=1",
         "federation.reply_timeout_s=60",
     )  # fmt: skip
-    victim.wait_for(r"Receiving: train message", RUN_TIMEOUT_S, since=before)
-    for supernode in child_pids(victim.proc.pid):
-        kill_group(supernode, signal.SIGKILL)  # the SuperNode and the ClientApp training under it
+    victim.wait_for(r"train message of run \d+ received", RUN_TIMEOUT_S, since=before)
+    workers = [pid for pid in child_pids(victim.proc.pid) if b"fedmusk.client.worker" in _cmdline(pid)]
+    assert len(workers) == 1
+    kill_group(workers[0], signal.SIGKILL)  # the worker, in the middle of its training
     assert coordinator.wait(RUN_TIMEOUT_S) == 0, coordinator.output()[-3000:]
     (record,) = rounds(world["root"] / "lost")
-    assert record["sampled"] == 3 and record["replies"] == 2, record
-    assert "site-3" not in record["train_loss"]
-    victim.wait_for(r"starting it again", 30, since=before)  # the daemon brings its SuperNode back
+    assert record["sampled"] == 3 and record["replies"] >= 2, record
+    victim.wait_for(r"the site worker stopped \(exit -9\); starting it again", 30, since=before)
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""

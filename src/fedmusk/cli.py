@@ -263,8 +263,16 @@ def client(
         Path | None,
         typer.Option(envvar="FEDMUSK_POLICY", help="The site's egress policy [SITE_ROOT/site-policy.yaml or default]."),
     ] = None,
+    settings_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--settings", envvar="FEDMUSK_SETTINGS",
+            help="This site's own settings: model files, device, batch sizes [SITE_ROOT/site-settings.yaml].",
+        ),
+    ] = None,
     runtime_port: Annotated[
-        int, typer.Option(envvar="FEDMUSK_RUNTIME_PORT", help="Local port between the SuperNode and its apps.")
+        int,
+        typer.Option(envvar="FEDMUSK_RUNTIME_PORT", help="Local port (127.0.0.1) between the SuperNode and the worker."),
     ] = 9094,
     log_file: Annotated[
         Path | None, typer.Option(envvar="FEDMUSK_LOG_FILE", help="Local log [SITE_ROOT/.fedmusk/logs/client.log].")
@@ -280,12 +288,12 @@ def client(
         bool, typer.Option("--dev-insecure", help="Development only: no TLS, no node authentication, loopback only.")
     ] = False,
 ) -> None:
-    """Hospital daemon: check the site, then run its SuperNode (TLS, site key) until stopped."""
+    """Hospital daemon: check the site, then run its SuperNode (TLS, site key) and the site worker until stopped."""
     from fedmusk.client.daemon import DaemonSettings, run_daemon
 
     settings = DaemonSettings(
         site_root, name, superlink, ca=ca, key=key, policy=policy, runtime_port=runtime_port, log_file=log_file,
-        quick=quick, registration_wait_s=registration_wait, insecure=dev_insecure,
+        quick=quick, registration_wait_s=registration_wait, insecure=dev_insecure, settings=settings_file,
     )  # fmt: skip
     raise typer.Exit(_run(run_daemon, settings, console))
 

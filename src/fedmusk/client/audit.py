@@ -79,6 +79,11 @@ class AuditLog:
             {"event": "refusal", "run_id": run_id, "round": round, "recipient": recipient, "reasons": list(reasons)}
         )
 
+    def record_refused_bundle(self, run_id: str, reasons: list[str]) -> dict:
+        """Append a "refused-bundle" entry: a run whose app bundle was not fedmusk's description, so nothing of
+        it ran here (``reasons`` name its files and components)."""
+        return self._append({"event": "refused-bundle", "run_id": run_id, "reasons": list(reasons)})
+
     def entries(self) -> list[dict]:
         """Every entry, oldest first (without checking the chain: use ``verify``)."""
         return [json.loads(line) for line in self._lines()]

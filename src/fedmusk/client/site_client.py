@@ -17,8 +17,10 @@ This module also holds the wire contract that the coordinator shares: the run-co
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
+import logging
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -56,6 +58,8 @@ from fedmusk.strategies.aggregation import (
     tensor_role,
 )
 from fedmusk.strategies.privacy import clip_update
+
+log = logging.getLogger("fedmusk.site")
 
 # --- the run configuration (set by the coordinator) and node configuration (set by the site) -------------------
 
@@ -311,6 +315,7 @@ class SiteClient:
         self.phase = OUTCOME
         self._scrubber: Scrubber | None = None
         self._layouts: dict[str, AdapterLayout] = {}
+        self.model_builds: collections.Counter[str] = collections.Counter()
 
     @classmethod
     def from_address(cls, cfg: FedMuskConfig, address: SiteAddress) -> SiteClient:
@@ -346,12 +351,19 @@ class SiteClient:
                 except SiteDataError as err:
                     self._pretrain_error = err  # not retried each round: the folder does not change mid-run
                     raise
+                self._count_build(PRETRAIN)
             return self._pretrain_session
         if self._session is None:
             from fedmusk.training.site import SiteSession
 
             self._session = SiteSession(self.cfg, [self.site_root])
+            self._count_build(OUTCOME)
         return self._session
+
+    def _count_build(self, phase: str) -> None:
+        """Count and log a model build: a warm site builds each phase's model once per run."""
+        self.model_builds[phase] += 1
+        log.info("site %s: %s model built (%d in this run)", self.site_name, phase, self.model_builds[phase])
 
     @property
     def scrubber(self) -> Scrubber:

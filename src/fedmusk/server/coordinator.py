@@ -25,7 +25,8 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fedmusk.config import ConfigError, FedMuskConfig, load_config, to_yaml
+from fedmusk.client.site_client import wire_run_config
+from fedmusk.config import ConfigError, FedMuskConfig, load_config
 from fedmusk.server.checkpoint import load_latest
 from fedmusk.server.rounds import CHECKPOINT_DIR, ROUNDS_FILE, RoundFailed, check_federation_config
 from fedmusk.supervise import (
@@ -205,6 +206,7 @@ clientapp = "fedmusk.client.client_app:app"
 
 [tool.flwr.app.config]
 fedmusk-config = ""
+base-model = ""
 out-dir = "fedmusk-out"
 resume = false
 """
@@ -215,7 +217,7 @@ resume = false
 def _write_run_config(path: Path, cfg: FedMuskConfig, out_dir: Path, resume: bool) -> Path:
     """The run's configuration as a TOML file for ``flwr run --run-config`` (JSON strings are valid TOML)."""
     text = "\n".join([
-        f"fedmusk-config = {json.dumps(to_yaml(cfg))}",
+        *(f"{key} = {json.dumps(value)}" for key, value in wire_run_config(cfg).items()),
         f"out-dir = {json.dumps(str(out_dir))}",
         f"resume = {'true' if resume else 'false'}",
     ])  # fmt: skip

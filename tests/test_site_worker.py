@@ -1,0 +1,164 @@
+"""What a hospital runs and what it accepts from a coordinator: only its installed fedmusk, configuration as plain
+data, its own paths and devices, the run's base model.
+
+The deployed behaviour (a real SuperNode, a foreign bundle submitted to a running SuperLink) is in
+tests/test_deployment.py; these tests pin the rules it relies on, without Flower processes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from flwr.cli.build import build_fab_from_disk
+from flwr.common.config import parse_config_args
+
+from fedmusk.client.daemon import toml_string, write_runtime_files
+from fedmusk.client.site_client import (
+    NODE_SITE_ROOT,
+    RUN_BASE_MODEL,
+    RUN_CONFIG,
+    RUN_SITE_SETTINGS,
+    site_address,
+    site_config,
+    wire_run_config,
+)
+from fedmusk.client.worker import FLOWER_VERSION, WorkerError, bundle_problems, check_flower_version
+from fedmusk.config import ConfigError, FedMuskConfig, load_config
+from fedmusk.server.coordinator import _write_app
+from fedmusk.site_settings import load_site_settings, parse_coordinator_config
+
+
+def fab(folder: Path) -> bytes:
+    return build_fab_from_disk(folder)
+
+
+@pytest.fixture
+def fedmusk_app(tmp_path) -> Path:
+    return _write_app(tmp_path / "app")
+
+
+def test_the_coordinators_own_bundle_is_accepted(fedmusk_app):
+    assert bundle_problems(fab(fedmusk_app)) == []
+
+
+def test_a_bundle_carrying_code_that_would_shadow_fedmusk_is_refused(fedmusk_app):
+    shadow = fedmusk_app / "fedmusk" / "client"
+    shadow.mkdir(parents=True)
+    (fedmusk_app / "fedmusk" / "__init__.py").write_text("")
+    (shadow / "client_app.py").write_text("open('/tmp/pwned', 'w')\n")
+    problems = bundle_problems(fab(fedmusk_app))
+    assert problems and "fedmusk/client/client_app.py" in problems[0]
+
+
+def test_a_bundle_naming_other_components_is_refused(fedmusk_app):
+    project = fedmusk_app / "pyproject.toml"
+    project.write_text(project.read_text().replace("fedmusk.client.client_app:app", "evil.client:app"))
+    (problem,) = bundle_problems(fab(fedmusk_app))
+    assert "clientapp is 'evil.client:app'" in problem
+
+
+def test_something_that_is_not_a_bundle_is_refused_without_reading_it_as_code():
+    assert "not a readable app description" in bundle_problems(b"#!/bin/sh\nrm -rf /\n")[0]
+
+
+def test_the_worker_runs_only_with_the_flower_version_it_speaks():
+    check_flower_version()  # the installed one: pinned in pyproject.toml
+    with pytest.raises(WorkerError, match=rf"speaks Flower {FLOWER_VERSION}.*Flower 1\.43\.0 is installed"):
+        check_flower_version("1.43.0")
+
+
+def test_node_config_values_with_quotes_spaces_and_unicode_reach_flower_intact(tmp_path):
+    values = {
+        "site-root": '/data/St. Mary\'s "North" wing/site 1', "site-name": "site-1",
+        "policy": "C:\\policies\\ward\tA.yaml", "coordinator": "kö.example.org:9092",
+    }  # fmt: skip
+    secret, node_config = write_runtime_files(tmp_path / "runtime", values)
+    assert parse_config_args([str(node_config)]) == values
+    assert (tmp_path / "runtime").stat().st_mode & 0o777 == 0o700
+    for path in (secret, node_config):
+        assert path.stat().st_mode & 0o777 == 0o600
+    assert len(secret.read_bytes()) == 64
+    assert toml_string('a"b') == '"a\\"b"'
+
+
+def test_each_daemon_start_writes_a_new_secret(tmp_path):
+    first = write_runtime_files(tmp_path, {"site-name": "a"})[0].read_bytes()
+    assert write_runtime_files(tmp_path, {"site-name": "a"})[0].read_bytes() != first
+
+
+# --- what the coordinator sends, and what the site fills in -----------------------------------------------------
+
+
+def test_coordinator_interpolation_is_refused_not_resolved_at_the_site(monkeypatch):
+    monkeypatch.setenv("HOSPITAL_SECRET", "s3cret")
+    text = "train:\n  lr: 0.001\ntracking:\n  experiment: ${oc.env:HOSPITAL_SECRET}\n"
+    with pytest.raises(ConfigError, match=r"'tracking.experiment' uses interpolation"):
+        parse_coordinator_config(text)
+
+
+def test_a_coordinator_chosen_path_is_refused_at_the_site():
+    with pytest.raises(ConfigError, match=r"sets 'model.weights', a setting of this site's own machine"):
+        parse_coordinator_config("model:\n  weights: /coordinator/musk/model.safetensors\n")
+
+
+def test_unknown_keys_and_non_mappings_from_the_coordinator_are_refused():
+    with pytest.raises(ConfigError, match=r"unknown configuration key 'federation.strategee'"):
+        parse_coordinator_config("federation:\n  strategee: fedit\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        parse_coordinator_config("- a\n- b\n")
+
+
+def test_what_a_coordinator_sends_carries_no_site_local_setting(tmp_path):
+    weights = tmp_path / "tok.spm"
+    weights.write_bytes(b"not really a tokenizer")
+    cfg = load_config([], ["device=cpu", "data.batch_size=7", f"model.tokenizer={weights}", "train.epochs=3"])
+    wire = wire_run_config(cfg)
+    assert str(tmp_path) not in wire[RUN_CONFIG] and "batch_size: 32" in wire[RUN_CONFIG]
+    sent = parse_coordinator_config(wire[RUN_CONFIG])
+    assert sent.train.epochs == 3 and sent.device == "auto" and sent.model.tokenizer is None
+    assert json.loads(wire[RUN_BASE_MODEL])["tokenizer"] != "none"
+
+
+def test_a_deployed_site_uses_its_own_settings_file(tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "tok.spm").write_bytes(b"tokenizer bytes")
+    (site / "site-settings.yaml").write_text("device: cpu\ndata: {batch_size: 4}\nmodel: {tokenizer: tok.spm}\n")
+    coordinator = tmp_path / "coordinator-tok.spm"
+    coordinator.write_bytes(b"tokenizer bytes")  # the same release file, elsewhere on another machine
+    run_config = wire_run_config(load_config([], [f"model.tokenizer={coordinator}", "train.epochs=2"]))
+    node_config = {NODE_SITE_ROOT: str(site)}
+    cfg = site_config(run_config, node_config, site_address(node_config, run_config))
+    assert (cfg.device, cfg.data.batch_size, cfg.train.epochs) == ("cpu", 4, 2)
+    assert cfg.model.tokenizer == str((site / "tok.spm").resolve())
+
+
+def test_a_site_whose_base_model_differs_refuses_and_says_which_file(tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "tok.spm").write_bytes(b"an older tokenizer")
+    (site / "site-settings.yaml").write_text("model: {tokenizer: tok.spm}\n")
+    theirs = tmp_path / "tok.spm"
+    theirs.write_bytes(b"the release tokenizer")
+    run_config = wire_run_config(load_config([], [f"model.tokenizer={theirs}"]))
+    node_config = {NODE_SITE_ROOT: str(site)}
+    with pytest.raises(ConfigError, match=r"this site's tokenizer \(model.tokenizer in site-settings.yaml"):
+        site_config(run_config, node_config, site_address(node_config, run_config))
+
+
+def test_a_deployed_site_ignores_no_site_settings_sent_by_a_coordinator(tmp_path):
+    run_config = {**wire_run_config(FedMuskConfig()), RUN_SITE_SETTINGS: json.dumps({"device": "cuda:7"})}
+    node_config = {NODE_SITE_ROOT: str(tmp_path)}
+    with pytest.raises(ConfigError, match="carries 'site-settings': a site chooses its own"):
+        site_config(run_config, node_config, site_address(node_config, run_config))
+
+
+def test_a_settings_file_may_set_only_site_local_keys(tmp_path):
+    path = tmp_path / "site-settings.yaml"
+    path.write_text("federation: {rounds: 50}\n")
+    with pytest.raises(ConfigError, match=r"'federation.rounds' is not a site-local setting"):
+        load_site_settings(path)
+    path.write_text("data: {batch_size: many}\n")
+    with pytest.raises(ConfigError, match=r"bad value for 'data.batch_size'"):
+        load_site_settings(path)
