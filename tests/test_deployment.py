@@ -261,6 +261,9 @@ def test_keys_and_site_paths_stay_out_of_logs_databases_and_the_tracking_store(f
     assert any(p.name == "mlflow.db" for p in coordinator_side)
     site_logs = [site / ".fedmusk" / "logs" / "client.log" for site in world["sites"].values()]
     assert all(log.is_file() and log.stat().st_mode & 0o077 == 0 for log in site_logs)
+    for site in world["sites"].values():  # what the daemon and its worker wrote there: this account's only
+        for path in [site / ".fedmusk" / "runtime", *(site / ".fedmusk" / "runtime").iterdir()]:
+            assert path.stat().st_mode & 0o077 == 0, path
     for path in [*coordinator_side, *site_logs, world["root"] / "first.server.log"]:
         data = path.read_bytes()
         for secret in secrets:

@@ -94,6 +94,9 @@ def run_daemon(settings: DaemonSettings, console: Console) -> int:
     Raises DaemonError (and ConfigError/CertError/SiteDataError) for what the operator must fix."""
     site_root = settings.site_root.resolve()
     host, port = _check_arguments(settings, site_root)
+    # Everything the daemon, the SuperNode and the worker create (logs, runtime files, tile caches, FedSA's local
+    # state) is readable by this account only.
+    os.umask(0o077)
     policy_path, settings_path = _check_site(settings, site_root, console)
     fingerprint = _check_credentials(settings, host, port, console)
 
