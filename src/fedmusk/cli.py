@@ -133,13 +133,17 @@ def train(
     site: SiteRoots,
     out: Annotated[Path, typer.Option("--out", help="Output folder for metrics.json, plots, adapter, MLflow store.")],
     overrides: Overrides = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an earlier run in --out.")] = False,
 ) -> None:
     """Train on one site (local baseline) or several pooled (centralized baseline); write metrics and plots."""
     from fedmusk.training.run import run_train
 
     cfg = _run(_load, [config], overrides)
-    result = _run(run_train, cfg, site, out, err_console)
+    result = _run(run_train, cfg, site, out, err_console, force)
     test = result["test"]
+    if test is None:
+        console.print(f"test: none ({result['test_note']}); adapter and metrics in {out}")
+        return
     console.print(
         f"test: C-index {_num(test.get('c_index'))}, AUROC {_num(test.get('auc'))} "
         f"(n = {test.get('n', 0)}); metrics in {out / 'metrics.json'}"

@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from fedmusk.data.errors import SiteDataError
 from fedmusk.data.slides import Slide, open_slide
 from fedmusk.data.tile_loader import iter_tile_batches
-from fedmusk.data.tiles import TileCoord, tile_grid
+from fedmusk.data.tiles import LEVEL_MPP_SLACK, TileCoord, tile_grid
 
 CACHE_DIRNAME = ".fedmusk"
 CACHE_FORMAT = 1
@@ -52,6 +52,7 @@ class PrepareResult:
     prepared: list[str] = field(default_factory=list)
     up_to_date: list[str] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)  # (slide, reason)
+    warnings: list[tuple[str, str]] = field(default_factory=list)  # (slide, note): no tissue, upscaled tiles
     tiles: int = 0  # tiles of every slide that is ready now (prepared or up to date)
     tiles_computed: int = 0  # tiles read (and embedded) by this run
 
@@ -192,12 +193,15 @@ def prepare_slide(
     *,
     num_workers: int = 0,
     on_tiles: Callable[[int], None] | None = None,
+    notes: list[str] | None = None,
 ) -> tuple[bool, int]:
     """Tile (and, with a model, embed) one slide unless its cache is current. Returns (was_done_now, tiles).
 
     Tiles only (``model=None``): an entry cut with the same tiling is current, and its features are kept.
     With a model, coordinates of an entry with the same tiling are reused and only the features are computed.
-    ``on_tiles(k)`` reports progress in tiles. Raises SiteDataError (SlideError) when the slide cannot be read.
+    ``on_tiles(k)`` reports progress in tiles; ``notes`` receives a warning when the slide's finest level is
+    coarser than ``target_mpp`` (its tiles are enlarged). Raises SiteDataError (SlideError) when the slide cannot
+    be read.
     """
     cached = read_cache(site_root, relative_slide)
     if is_current(cached, fingerprint, tiling, features=model is not None):
@@ -208,6 +212,8 @@ def prepare_slide(
         coords = cached.tile_coords()
     features = None
     with open_slide(path) as slide:
+        if notes is not None and slide.mpp > tiling.target_mpp * (1 + LEVEL_MPP_SLACK):
+            notes.append(upscale_warning(slide.mpp, tiling.target_mpp))
         if coords is None:
             coords = tile_grid(slide, tiling.target_mpp, tiling.tile_size, tiling.min_tissue)
         if model is not None and num_workers == 0:
@@ -251,18 +257,34 @@ def prepare_site(
             if on_tiles is not None:
                 on_tiles(k)
 
+        notes: list[str] = []
         try:
             done, n = prepare_slide(site_root, rel, tiling, fingerprint, model, transform, batch_size, ms_aug,
-                                    num_workers=num_workers, on_tiles=count)  # fmt: skip
+                                    num_workers=num_workers, on_tiles=count, notes=notes)  # fmt: skip
         except SiteDataError as err:
             result.failed.append((rel, _reason(site_root, rel, err)))
         else:
+            if n == 0:
+                notes.append(NO_TISSUE_WARNING)
+            result.warnings += [(rel, note) for note in notes]
             (result.prepared if done else result.up_to_date).append(rel)
             result.tiles += n
             result.tiles_computed += n if done else 0
         if progress is not None:
             progress(f"slide {i} of {len(slides)}")
     return result
+
+
+NO_TISSUE_WARNING = (
+    "no tissue tile was found (blank or very pale scan, or data.min_tissue too high); a case whose slides are all "
+    "like this is excluded from training and evaluation"
+)
+
+
+def upscale_warning(slide_mpp: float, target_mpp: float) -> str:
+    """The note for a slide whose finest level is coarser than the tiles asked for."""
+    return (f"the finest level is {slide_mpp:.3g} um/px, coarser than data.target_mpp={target_mpp:g}: its tiles are "
+            f"enlarged {slide_mpp / target_mpp:.2g}x and show less detail than they claim")  # fmt: skip
 
 
 def _reason(site_root: Path, slide: str, err: SiteDataError) -> str:

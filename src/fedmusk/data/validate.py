@@ -206,11 +206,29 @@ def _slide_problems(site_root: Path, row: ManifestRow, check_slides: bool) -> li
 
     try:
         check_slide(path)
+        tissue = _tissue_share(path)
     except SiteDataError as err:
         return bad(_without_site_root(site_root, err.message), _inside(site_root, err.path) or row.slide)
     except Exception as err:  # noqa: BLE001 - third-party readers raise all sorts of things for damaged files
         return bad(_without_site_root(site_root, f"slide cannot be read ({type(err).__name__}: {err})"))
+    if tissue < _MIN_TISSUE_SHARE:
+        return [warning("no tissue detected on this slide (blank or very pale scan?); it gives no tiles, and a case "
+                        "whose slides are all like this is excluded from training and evaluation", row=row.row,
+                        field="slide", path=row.slide)]  # fmt: skip
     return []
+
+
+_MIN_TISSUE_SHARE = 1e-3  # of the thumbnail: below this, tissue detection finds nothing to tile
+_THUMBNAIL_PX = 1024
+
+
+def _tissue_share(path: Path) -> float:
+    """The share of the slide's thumbnail that tissue detection calls tissue (0 for a blank scan)."""
+    from fedmusk.data.slides import open_slide
+    from fedmusk.data.tissue import tissue_fraction
+
+    with open_slide(path) as slide:
+        return tissue_fraction(slide.thumbnail(_THUMBNAIL_PX))
 
 
 def _without_site_root(site_root: Path, message: str) -> str:
