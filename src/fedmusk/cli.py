@@ -174,11 +174,19 @@ def prepare(
 @app.command()
 def audit(
     site_root: Annotated[Path, typer.Argument(help="The site folder (or the audit log file itself).")],
+    head: Annotated[
+        str | None, typer.Option("--head", help="A head hash noted earlier: check that the log still holds it.")
+    ] = None,
 ) -> None:
-    """Show what this site has sent to coordinators, round by round, and whether the log's hash chain is intact."""
-    from fedmusk.client.audit import summarize
+    """Show what this site has sent to coordinators, round by round, and whether the log's hash chain is intact.
 
-    console.print(_run(summarize, site_root))
+    Exits 1 when the chain is broken, the last line does not match the stored (or given) head, or the log is
+    missing or empty."""
+    from fedmusk.client.audit import inspect_log
+
+    table, ok = _run(inspect_log, site_root, head)
+    console.print(table)
+    raise typer.Exit(0 if ok else 1)
 
 
 def _run_synth(fn, *args, **kwargs):
