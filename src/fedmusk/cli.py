@@ -26,7 +26,9 @@ ConfigFiles = Annotated[
 
 
 def _fail(message: str, code: int = 2) -> None:
-    err_console.print(f"[bold red]error:[/] {message}")
+    from rich.markup import escape
+
+    err_console.print(f"[bold red]error:[/] {escape(message)}")  # messages quote lists: [a, b] is not markup
     raise typer.Exit(code)
 
 
