@@ -1,0 +1,148 @@
+"""What a real hospital's data does to a run: faulty cases are excluded and counted, bad input gets a one-line
+answer, and no earlier result is lost. Every site here is a damaged copy of a synthetic site."""
+
+from __future__ import annotations
+
+import csv
+import re
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from _slides_helpers import truncate
+from _validation_helpers import blank_first_training_slide
+from typer.testing import CliRunner
+
+from fedmusk.cli import app
+
+FAST = ["train.epochs=1", "train.bootstrap=10", "device=cpu"]
+
+
+@pytest.fixture(autouse=True)
+def wide_consoles(monkeypatch):
+    """Tables wide enough that a message stays on one line."""
+    from fedmusk import cli
+
+    for console in (cli.console, cli.err_console):
+        monkeypatch.setattr(console, "width", 400)
+
+
+def invoke(*args: str):
+    result = CliRunner().invoke(app, [str(a) for a in args], terminal_width=400)
+    result.text = " ".join(result.output.split())  # tables wrap long cells
+    assert "Traceback" not in result.output
+    return result
+
+
+def copy_site(small_cohort, tmp_path: Path, index: int = 0) -> Path:
+    return Path(shutil.copytree(small_cohort[index], tmp_path / small_cohort[index].name))
+
+
+def rows(site: Path) -> list[dict]:
+    with (site / "manifest.csv").open(newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def set_splits(site: Path, split_of) -> None:
+    table = rows(site)
+    for i, r in enumerate(table):
+        r["split"] = split_of(i, r)
+    with (site / "manifest.csv").open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(table[0]))
+        writer.writeheader()
+        writer.writerows(table)
+
+
+def test_blank_and_unreadable_slides_exclude_their_cases_and_training_goes_on(small_cohort, tmp_path):
+    site = copy_site(small_cohort, tmp_path)
+    blank_case = blank_first_training_slide(site)
+    damaged_row = next(r for r in rows(site) if r["split"] == "train" and r["case_id"] != blank_case)
+    truncate(site / damaged_row["slide"], 0.5)
+
+    checked = invoke("validate", site)
+    assert checked.exit_code == 1  # the truncated file is an error to fix
+    assert "no tissue detected on this slide" in checked.text and "blank-scan.tif" in checked.text
+
+    prepared = invoke("prepare", site, "--config", "configs/demo.yaml", "--tiles-only")
+    assert re.search(r"slides without tissue tiles\W+1\b", prepared.text) and "no tissue tile was found" in prepared.text
+
+    out = tmp_path / "run"
+    trained = invoke("train", "configs/demo.yaml", "--site", site, "--out", out, *FAST)
+    assert trained.exit_code == 0, trained.output
+    assert f"case {blank_case}, slide slides/blank-scan.tif" in trained.text and "the case is excluded" in trained.text
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["excluded"] == {"no_tissue": 1, "unreadable": 1}
+    assert metrics["test"]["n"] >= 1 and (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_a_site_without_test_or_validation_cases_still_writes_its_adapter_and_says_why_test_is_empty(
+    small_cohort, tmp_path
+):
+    site = copy_site(small_cohort, tmp_path, 1)
+    set_splits(site, lambda i, r: "train")
+    out = tmp_path / "run"
+    trained = invoke("train", "configs/demo.yaml", "--site", site, "--out", out, *FAST)
+    assert trained.exit_code == 0, trained.output
+    assert "no validation cases: model selection is off, the adapter of the last epoch is kept" in trained.text
+    assert "test: none (no test cases" in trained.text
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["test"] is None and "no test cases" in metrics["test_note"]
+    assert metrics["best_epoch"] == 1 and (out / "adapter" / "adapter_model.safetensors").is_file()
+
+    before = (out / "metrics.json").read_bytes()
+    again = invoke("train", "configs/demo.yaml", "--site", site, "--out", out, *FAST)
+    assert again.exit_code == 2 and "already holds a run" in again.text and "--force" in again.text
+    assert (out / "metrics.json").read_bytes() == before  # the earlier run is untouched
+
+
+def test_train_out_pointing_at_a_file_is_refused(small_cohort, tmp_path):
+    target = tmp_path / "notes.txt"
+    target.write_text("keep me")
+    result = invoke("train", "configs/demo.yaml", "--site", small_cohort[0], "--out", target, *FAST)
+    assert result.exit_code == 2 and "is a file, not a folder" in result.text
+    assert target.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("fault", ["missing", "twice", "same-name"])
+def test_simulate_checks_every_site_folder_before_the_federation_starts(small_cohort, tmp_path, fault):
+    sites = list(small_cohort)
+    if fault == "missing":
+        sites[2] = tmp_path / "site-typo"
+    elif fault == "twice":
+        sites[2] = Path(str(sites[0]) + "/")  # the same folder, spelled differently
+    else:
+        sites[2] = copy_site(small_cohort, tmp_path / "elsewhere", 0)
+    args = ["simulate", "configs/demo.yaml", "--out", tmp_path / "fed"]
+    for s in sites:
+        args += ["--site", s]
+    result = invoke(*args)
+    assert result.exit_code == 2
+    expected = {"missing": "does not exist", "twice": "is given twice", "same-name": "the same name"}[fault]
+    assert expected in result.text
+    assert not (tmp_path / "fed").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.task=survivl", "expected one of [survival, response, pretrain]"),
+        ("train.fusion=concatt", "expected one of [concat, gated, image, report]"),
+        ("model.preset=huge", "expected one of [large, tiny]"),
+        ("data.tile_size=0", "'data.tile_size': 0; must be a positive number"),
+        ("data.target_mpp=0", "'data.target_mpp': 0.0; must be a positive number"),
+        ("train.lr=-5", "'train.lr': -5.0; must be a positive number"),
+        ("train.epochs=-1", "'train.epochs': -1; must be 1 or more"),
+    ],
+)
+def test_impossible_settings_are_refused_at_load_naming_key_and_source(small_cohort, tmp_path, override, message):
+    result = invoke("train", "configs/demo.yaml", "--site", small_cohort[0], "--out", tmp_path / "run", override)
+    assert result.exit_code == 2 and message in result.text and f"override '{override}'" in result.text
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_yaml_whose_top_level_is_a_list_is_named(small_cohort, tmp_path):
+    listed = tmp_path / "listed.yaml"
+    listed.write_text("- model\n- data\n")
+    result = invoke("train", listed, "--site", small_cohort[0], "--out", tmp_path / "run")
+    assert result.exit_code == 2 and "listed.yaml: the top level must be a mapping" in result.text
