@@ -146,3 +146,35 @@ def test_a_yaml_whose_top_level_is_a_list_is_named(small_cohort, tmp_path):
     listed.write_text("- model\n- data\n")
     result = invoke("train", listed, "--site", small_cohort[0], "--out", tmp_path / "run")
     assert result.exit_code == 2 and "listed.yaml: the top level must be a mapping" in result.text
+
+
+def _failing_save(error: BaseException):
+    def save_file(*args, **kwargs):
+        raise error
+
+    return save_file
+
+
+@pytest.mark.parametrize(
+    ("error", "message"),
+    [
+        ("full", "cannot write the tile cache: the disk is full"),
+        ("permission", "cannot write the tile cache: permission denied"),
+    ],
+)
+def test_a_cache_that_cannot_be_written_stops_prepare_with_the_reason(small_cohort, tmp_path, monkeypatch, error,
+                                                                      message):  # fmt: skip
+    from safetensors import SafetensorError
+
+    import fedmusk.data.prepare as prepare
+
+    raised = {
+        "full": SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No '
+                                'space left on device" })'),
+        "permission": PermissionError(13, "Permission denied"),
+    }[error]  # fmt: skip
+    monkeypatch.setattr(prepare, "save_file", _failing_save(raised))
+    site = copy_site(small_cohort, tmp_path)
+    result = invoke("prepare", site, "--config", "configs/demo.yaml", "--tiles-only", "--quick")
+    assert result.exit_code == 2 and message in result.text
+    assert not list((site / ".fedmusk" / "tiles").glob("*.tmp"))  # no half-written entry left behind

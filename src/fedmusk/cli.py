@@ -42,6 +42,7 @@ def _user_errors():
 
     errors: tuple[type[BaseException], ...] = (
         ConfigError, WeightsMismatchError, FileNotFoundError, CertError, CoordinatorError, DaemonError,
+        PermissionError,
     )  # fmt: skip
     try:
         from fedmusk.data.errors import SiteDataError

@@ -13,6 +13,7 @@ batches arrive in grid order whatever the number of workers, so features do not 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -133,9 +134,34 @@ def is_current(cached: CachedSlide | None, fingerprint: str, tiling: TilingSetti
     return cached.tiling == tiling_fingerprint(tiling) or cached.fingerprint == fingerprint
 
 
+class CacheWriteError(SiteDataError):
+    """The tile cache cannot be written (permissions, a full disk): a problem of the site folder, not of one slide,
+    so preparing stops; the slides finished so far are kept."""
+
+    @classmethod
+    def from_error(cls, folder: Path, err: BaseException) -> CacheWriteError:
+        text = str(err)
+        errno_ = getattr(err, "errno", None)
+        if errno_ in (errno.EACCES, errno.EPERM, errno.EROFS) or "ermission denied" in text or "Read-only" in text:
+            why = ("permission denied: the site folder is read-only for this account, or the cache was written by "
+                   "another account; run as the account that owns it, or fix its permissions")  # fmt: skip
+        elif errno_ == errno.ENOSPC or "No space left" in text or "StorageFull" in text:
+            why = "the disk is full: free some space and run again (slides finished so far are kept)"
+        else:
+            why = f"{type(err).__name__}: {_first_line(text)}"
+        return cls(f"cannot write the tile cache: {why}", path=folder)
+
+
+def _first_line(text: str) -> str:
+    return (text.strip().splitlines() or [""])[0]
+
+
 def _write_cache(site_root: Path, relative_slide: str, coords, features, fingerprint: str, tiling: TilingSettings):
     out = cache_dir(site_root)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CacheWriteError.from_error(out, err) from None
     final = out / f"{slide_key(relative_slide)}.safetensors"
     tmp = final.with_suffix(".tmp")  # a leftover from a killed run has this very name and is simply overwritten
     tensors = {"coords": coords}
@@ -143,8 +169,12 @@ def _write_cache(site_root: Path, relative_slide: str, coords, features, fingerp
         tensors["features"] = features.contiguous()
     meta = {"fingerprint": fingerprint, "tiling": tiling_fingerprint(tiling), "mpp": repr(tiling.target_mpp),
             "format": str(CACHE_FORMAT)}  # fmt: skip
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, final)  # atomic: a killed prepare leaves either the old entry or the new one
+    try:
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, final)  # atomic: a killed prepare leaves either the old entry or the new one
+    except Exception as err:  # noqa: BLE001 - OSError, or safetensors' own error wrapping one
+        tmp.unlink(missing_ok=True)
+        raise CacheWriteError.from_error(out, err) from None
 
 
 # -- reading tiles ---------------------------------------------------------------------------------------------------
@@ -261,6 +291,8 @@ def prepare_site(
         try:
             done, n = prepare_slide(site_root, rel, tiling, fingerprint, model, transform, batch_size, ms_aug,
                                     num_workers=num_workers, on_tiles=count, notes=notes)  # fmt: skip
+        except CacheWriteError:
+            raise  # the next slide would fail the same way
         except SiteDataError as err:
             result.failed.append((rel, _reason(site_root, rel, err)))
         else:
