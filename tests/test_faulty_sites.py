@@ -178,3 +178,44 @@ def test_a_cache_that_cannot_be_written_stops_prepare_with_the_reason(small_coho
     result = invoke("prepare", site, "--config", "configs/demo.yaml", "--tiles-only", "--quick")
     assert result.exit_code == 2 and message in result.text
     assert not list((site / ".fedmusk" / "tiles").glob("*.tmp"))  # no half-written entry left behind
+
+
+def test_a_dicom_wsi_without_its_base_level_is_refused_naming_series_and_level(tmp_path):
+    from _slides_helpers import tissue_image
+    from _validation_helpers import make_site, row, write_manifest
+
+    from fedmusk.data.dicom_wsi import write_dicom_wsi
+
+    site = make_site(tmp_path / "site", n_cases=1)
+    series = write_dicom_wsi(tissue_image(512, 512), site / "slides" / "dicom", mpp=0.5, tile_size=128, levels=3)
+    (series / "level-0.dcm").unlink()  # an export that left out the full-resolution instance
+    write_manifest(site, [row("C0000", "slides/dicom", "reports/C0000.txt", split="train")])
+    result = invoke("validate", site)
+    assert result.exit_code == 1
+    assert "is missing its base level (level 0" in result.text and "only resampled levels" in result.text
+    assert re.search(r"DICOM WSI series [0-9.]{10,} is missing", result.text)  # its UID, in the site's own table
+
+
+def test_prepare_warns_when_tiles_must_be_enlarged_to_reach_target_mpp(tmp_path):
+    from _slides_helpers import tissue_image, write_tiled_tiff
+    from _validation_helpers import make_site, row, write_manifest
+
+    site = make_site(tmp_path / "site", n_cases=1)
+    write_tiled_tiff(site / "slides" / "coarse.tif", tissue_image(512, 512), mpp=1.0)
+    write_manifest(site, [row("C0000", "slides/coarse.tif", "reports/C0000.txt", split="train")])
+    result = invoke("prepare", site, "--tiles-only", "data.tile_size=64")
+    assert result.exit_code == 0, result.output
+    assert "the finest level is 1 um/px, coarser than data.target_mpp=0.5: its tiles are enlarged 2x" in result.text
+
+
+def test_the_real_svs_is_not_enlarged_at_its_own_resolution_but_is_at_a_finer_target(tmp_path):
+    from _slides_helpers import real_svs
+    from _validation_helpers import make_site, row, write_manifest
+
+    site = make_site(tmp_path / "site", n_cases=1)
+    shutil.copy(real_svs(), site / "slides" / "real.svs")
+    write_manifest(site, [row("C0000", "slides/real.svs", "reports/C0000.txt", split="train")])
+    at_its_own = invoke("prepare", site, "--tiles-only", "--quick", "data.tile_size=512")
+    assert at_its_own.exit_code == 0 and "enlarged" not in at_its_own.text
+    finer = invoke("prepare", site, "--tiles-only", "--quick", "data.tile_size=512", "data.target_mpp=0.25")
+    assert finer.exit_code == 0 and "coarser than data.target_mpp=0.25: its tiles are enlarged 2x" in finer.text
