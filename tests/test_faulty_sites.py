@@ -219,3 +219,56 @@ def test_the_real_svs_is_not_enlarged_at_its_own_resolution_but_is_at_a_finer_ta
     assert at_its_own.exit_code == 0 and "enlarged" not in at_its_own.text
     finer = invoke("prepare", site, "--tiles-only", "--quick", "data.tile_size=512", "data.target_mpp=0.25")
     assert finer.exit_code == 0 and "coarser than data.target_mpp=0.25: its tiles are enlarged 2x" in finer.text
+
+
+def test_a_utf16_manifest_from_excel_is_read_with_a_warning(tmp_path):
+    from _validation_helpers import make_site
+
+    site = make_site(tmp_path / "site")
+    text = (site / "manifest.csv").read_text(encoding="utf-8").replace(",", "\t")
+    (site / "manifest.csv").write_bytes(text.encode("utf-16"))  # Excel's "Unicode Text": BOM, UTF-16LE, tabs
+    result = invoke("validate", site)
+    assert result.exit_code == 0, result.output
+    assert "is UTF-16 (Excel's 'Unicode Text'); it was read as such" in result.text
+    assert "4 of 4 manifest rows usable" in result.text
+
+
+def test_decomposed_unicode_file_names_match_the_manifest(tmp_path):
+    import unicodedata
+
+    from _validation_helpers import make_site
+
+    from fedmusk.data.manifest import read_manifest
+
+    site = make_site(tmp_path / "site")
+    composed = unicodedata.normalize("NFC", "Müller-Straße")
+    decomposed = unicodedata.normalize("NFD", composed)
+    (site / "slides" / "C0001_a").rename(site / "slides" / decomposed)  # as copied from a Mac
+    manifest = site / "manifest.csv"
+    manifest.write_text(manifest.read_text(encoding="utf-8").replace("slides/C0001_a", f"slides/{composed}"),
+                        encoding="utf-8")  # fmt: skip
+    result = invoke("validate", site)
+    assert result.exit_code == 0 and "not found" not in result.text
+    assert f"slides/{decomposed}" in {r.slide for r in read_manifest(site).rows}
+
+
+def test_an_oversized_report_is_read_only_up_to_the_limit_with_a_warning(tmp_path):
+    import time
+
+    from _validation_helpers import make_site
+
+    from fedmusk.data.reports import REPORT_MAX_BYTES
+    from fedmusk.data.scrub import Scrubber
+
+    site = make_site(tmp_path / "site")
+    huge = "Invasive adenocarcinoma, acinar pattern. Margins free of tumour.\n" * (20 * 2**20 // 64)  # 20 MiB
+    (site / "reports" / "C0001.txt").write_text(huge, encoding="utf-8")
+    start = time.perf_counter()
+    result = invoke("validate", site)
+    Scrubber.from_site(site)
+    assert time.perf_counter() - start < 20  # unbounded, this took tens of seconds and gigabytes
+    assert result.exit_code == 0 and re.search(r"report is 2\d\.\d MiB; only its first 1 MiB is used", result.text)
+    from fedmusk.training.cohort import load_site_cases
+
+    case = next(c for c in load_site_cases(site) if c.case_id == "C0001")
+    assert len(case.report.encode()) <= REPORT_MAX_BYTES

@@ -21,7 +21,7 @@ from fedmusk.data.dicom_headers import has_dicom_preamble, is_dicom_file, wsi_he
 from fedmusk.data.errors import SiteDataError
 from fedmusk.data.manifest import MANIFEST_NAME, Manifest, ManifestRow, read_manifest
 from fedmusk.data.problems import ERROR, WARNING, Problem, error, warning
-from fedmusk.data.reports import describe_findings, find_identifiers, read_report
+from fedmusk.data.reports import REPORT_MAX_BYTES, describe_findings, find_identifiers, read_report
 from fedmusk.data.validate_pretrain import pretrain_problems
 
 __all__ = ["Problem", "ValidationReport", "validate_site", "run_validate", "content_fingerprint"]
@@ -291,9 +291,14 @@ def _head(path: Path) -> bytes:
 
 def _report_problems(site_root: Path, row: ManifestRow) -> list[Problem]:
     try:
-        text = read_report(site_root / row.report)
+        text = read_report(site_root / row.report, REPORT_MAX_BYTES)
     except SiteDataError as err:
         return [error(err.message, row=row.row, field="report", path=row.report)]
+    size = (site_root / row.report).stat().st_size
+    if size > REPORT_MAX_BYTES:
+        return [warning(f"report is {size / 2**20:.1f} MiB; only its first {REPORT_MAX_BYTES >> 20} MiB is used "
+                        "(a pathology report is a few KB: is this the right file?)", row=row.row, field="report",
+                        path=row.report)]  # fmt: skip
     if not text.strip():
         return [warning("report is empty; the case will be used without report text", row=row.row, field="report",
                         path=row.report)]
