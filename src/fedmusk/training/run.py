@@ -28,7 +28,7 @@ def selection_score(task: str, metrics: dict) -> float | None:
     return None if value is None else float(value)
 
 
-RUN_FILES = ("metrics.json", "config.yaml", "adapter")  # what makes a folder an earlier run's output
+RUN_FILES = ("metrics.json", "adapter")  # what a finished run leaves: a folder holding them is not overwritten
 
 
 def check_run_folder(out_dir: Path, force: bool = False) -> None:
