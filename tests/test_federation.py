@@ -368,6 +368,8 @@ def test_a_pretraining_phase_runs_before_the_outcome_rounds_and_hands_over_its_l
     roots = [Path(shutil.copytree(root, tmp_path / "sites" / root.name)) for root in cohort]
     shutil.rmtree(roots[2] / "pretrain")
     blank_first_training_slide(roots[2])
+    manifest = roots[1] / "manifest.csv"  # and another site has no test cases
+    manifest.write_text(manifest.read_text().replace(",test\n", ",val\n"))
     out = tmp_path / "pretrained"
     summary = simulate(cfg, roots, out)
     assert summary["rounds_completed"] == 2
@@ -384,6 +386,9 @@ def test_a_pretraining_phase_runs_before_the_outcome_rounds_and_hands_over_its_l
         assert outcome["aggregated"]["excluded_no_tissue"] == 1 and outcome["aggregated"]["excluded_unreadable"] == 0
     assert summary["excluded"][roots[2].name] == {"no_tissue": 1, "unreadable": 0}
     assert summary["excluded"][roots[0].name] == {"no_tissue": 0, "unreadable": 0}
+    assert summary["test"]["per_site"][roots[1].name] == {"c_index": None, "auc": None, "n": 0,
+                                                          "note": "this site has no test cases"}  # fmt: skip
+    assert summary["test"]["pooled"]["n"] == sum(summary["test"]["per_site"][r.name]["n"] for r in roots) > 0
 
     pretrained = load_round(out / "checkpoints", 1)
     assert pretrained.extra["phase"] == "pretrain" and load_round(out / "checkpoints", 2).extra["phase"] == "outcome"
