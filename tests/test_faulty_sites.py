@@ -272,3 +272,21 @@ def test_an_oversized_report_is_read_only_up_to_the_limit_with_a_warning(tmp_pat
 
     case = next(c for c in load_site_cases(site) if c.case_id == "C0001")
     assert len(case.report.encode()) <= REPORT_MAX_BYTES
+
+
+def test_a_site_without_pretrain_folder_pretrains_on_its_training_cases_only(small_cohort, tmp_path):
+    from fedmusk.config import load_config
+    from fedmusk.training.pretrain_cases import case_pretrain_data
+
+    site = copy_site(small_cohort, tmp_path)
+    shutil.rmtree(site / "pretrain")
+    cfg = load_config(["configs/demo.yaml"])
+    data = case_pretrain_data(site, cfg, max_words=48)
+    train = {r["slide"] for r in rows(site) if r["split"] == "train"}
+    held_out = {r["slide"] for r in rows(site) if r["split"] != "train"}
+    assert held_out and data.images and data.texts and data.pairs
+    used = {im.name.split("#")[0] for im in data.images} | {p.image.name for p in data.pairs}
+    assert used <= train  # never a validation or test case's slide...
+    held_out_reports = {(site / r["report"]).read_text() for r in rows(site) if r["split"] != "train"}
+    assert not any(p.caption in held_out_reports for p in data.pairs)  # ...nor its report
+    assert data.images[0].read().shape == (cfg.data.tile_size, cfg.data.tile_size, 3)
