@@ -22,7 +22,14 @@ import numpy as np
 
 from fedmusk.config import FedMuskConfig
 from fedmusk.data.errors import SiteDataError
-from fedmusk.data.prepare import TilingSettings, is_current, read_cache
+from fedmusk.data.prepare import (
+    CacheWriteError,
+    TilingSettings,
+    is_current,
+    model_fingerprint,
+    prepare_slide,
+    read_cache,
+)
 from fedmusk.data.tiles import TileCoord, read_tile, sample_tiles, tile_grid
 from fedmusk.training.cohort import load_site_cases
 from fedmusk.training.pretrain_data import PretrainData, PretrainImage, PretrainPair, split_document
@@ -92,9 +99,13 @@ def case_pretrain_data(
 
 
 def _tile_coords(site_root: Path, slide: str, tiling: TilingSettings) -> list[TileCoord]:
-    """The slide's tissue tiles: from the prepare cache when it was cut with this tiling, else cut now."""
+    """The slide's tissue tiles: from the prepare cache when it was cut with this tiling, else cut now and recorded
+    in the cache (tiles only), where the outcome phase finds them again."""
     cached = read_cache(site_root, slide)
-    if is_current(cached, "", tiling, features=False):
-        return cached.tile_coords()
-    slide_file = _open(site_root / slide)
-    return tile_grid(slide_file, tiling.target_mpp, tiling.tile_size, tiling.min_tissue)
+    if not is_current(cached, "", tiling, features=False):
+        try:
+            prepare_slide(site_root, slide, tiling, model_fingerprint(None, False, tiling))
+        except CacheWriteError:  # a read-only site: cut the tiles without recording them
+            return tile_grid(_open(site_root / slide), tiling.target_mpp, tiling.tile_size, tiling.min_tissue)
+        cached = read_cache(site_root, slide)
+    return cached.tile_coords()
