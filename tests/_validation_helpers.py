@@ -123,3 +123,27 @@ def truncate(path: Path, keep: float = 0.5) -> Path:
     data = path.read_bytes()
     path.write_bytes(data[: int(len(data) * keep)])
     return path
+
+
+def blank_first_training_slide(site: Path, split: str = "train") -> str:
+    """Point the first ``split`` row of a site's manifest at a new, blank (all glass) pyramidal TIFF at 0.5 µm/px, as
+    a scan without tissue would be; returns the case id."""
+    import tifffile
+
+    path = site / "manifest.csv"
+    with path.open(newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    target = next(r for r in rows if r["split"] == split)
+    blank = site / "slides" / "blank-scan.tif"
+    blank.parent.mkdir(parents=True, exist_ok=True)
+    glass = np.full((512, 512, 3), 246, dtype=np.uint8)
+    tifffile.imwrite(blank, glass, tile=(128, 128), compression="jpeg", photometric="rgb",
+                     resolution=(2e4, 2e4), resolutionunit="CENTIMETER")  # fmt: skip
+    for r in rows:
+        if r["case_id"] == target["case_id"]:
+            r["slide"] = "slides/blank-scan.tif"
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return target["case_id"]

@@ -422,3 +422,13 @@ def test_cli_errors_are_one_line_with_exit_code_2(tmp_path):
     assert bad.exit_code == 2 and bad.output.startswith("error: invalid site name")
     missing = _cli("show", tmp_path / "nowhere")
     assert missing.exit_code == 2 and missing.output.startswith("error: ")
+
+
+def test_a_folder_given_as_a_key_and_init_onto_a_file_are_named(ca_dir, tmp_path):
+    with pytest.raises(CertError, match="is a folder; give the file itself"):
+        certs.add_site(ca_dir, "hosp-c", public_key=tmp_path)
+    target = tmp_path / "notes.txt"
+    target.write_text("keep me")
+    result = CliRunner().invoke(certs_cli.app, ["init", str(target)])
+    assert result.exit_code != 0 and "is a file; give a folder for the certificates" in " ".join(result.output.split())
+    assert "Errno" not in result.output and target.read_text() == "keep me"

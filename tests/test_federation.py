@@ -357,12 +357,19 @@ def test_site_randomness_and_wire_layout_are_fixed_by_the_configuration():
 
 
 def test_a_pretraining_phase_runs_before_the_outcome_rounds_and_hands_over_its_lora(cohort, tmp_path, tracked):
+    # One site has no pretrain/ folder and a blank scan: it pretrains on its own training cases, and the case of the
+    # blank slide is excluded and counted instead of stopping the site (and with it the federation).
+    from _validation_helpers import blank_first_training_slide
+
     from fedmusk.training.pretrain import lora_only
 
     cfg = tracked("federation.pretrain_rounds=1", "federation.rounds=1", "train.pretrain.steps=2",
                   "federation.secure_aggregation=false")  # fmt: skip
     roots = [Path(shutil.copytree(root, tmp_path / "sites" / root.name)) for root in cohort]
-    shutil.rmtree(roots[2] / "pretrain")  # a site without pretraining data sits the pretraining rounds out
+    shutil.rmtree(roots[2] / "pretrain")
+    blank_first_training_slide(roots[2])
+    manifest = roots[1] / "manifest.csv"  # and another site has no test cases
+    manifest.write_text(manifest.read_text().replace(",test\n", ",val\n"))
     out = tmp_path / "pretrained"
     summary = simulate(cfg, roots, out)
     assert summary["rounds_completed"] == 2
@@ -370,11 +377,18 @@ def test_a_pretraining_phase_runs_before_the_outcome_rounds_and_hands_over_its_l
     for rounds in (summary["rounds"], on_disk):
         pre, outcome = rounds
         assert (pre["phase"], outcome["phase"]) == ("pretrain", "outcome")
-        assert pre["replies"] == 2 and outcome["replies"] == 3 and outcome["failures"] == []
-        assert any(roots[2].name in f and "no training data" in f for f in pre["failures"])
-        assert sorted(pre["per_site"]) == sorted(r.name for r in roots[:2]) and pre["eval_failures"]
+        assert pre["replies"] == 3 and outcome["replies"] == 3
+        assert pre["failures"] == [] and outcome["failures"] == []
+        assert sorted(pre["per_site"]) == sorted(r.name for r in roots)
         assert "val_loss" in pre["aggregated"] and not any("c_index" in k for k in pre["aggregated"])
         assert "val_c_index" in outcome["aggregated"] and "val_loss" not in outcome["aggregated"]
+        assert outcome["per_site"][roots[2].name]["excluded_no_tissue"] == 1
+        assert outcome["aggregated"]["excluded_no_tissue"] == 1 and outcome["aggregated"]["excluded_unreadable"] == 0
+    assert summary["excluded"][roots[2].name] == {"no_tissue": 1, "unreadable": 0}
+    assert summary["excluded"][roots[0].name] == {"no_tissue": 0, "unreadable": 0}
+    assert summary["test"]["per_site"][roots[1].name] == {"c_index": None, "auc": None, "n": 0,
+                                                          "note": "this site has no test cases"}  # fmt: skip
+    assert summary["test"]["pooled"]["n"] == sum(summary["test"]["per_site"][r.name]["n"] for r in roots) > 0
 
     pretrained = load_round(out / "checkpoints", 1)
     assert pretrained.extra["phase"] == "pretrain" and load_round(out / "checkpoints", 2).extra["phase"] == "outcome"

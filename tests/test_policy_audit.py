@@ -266,9 +266,12 @@ def test_audit_log_remembered_head_detects_lines_cut_from_the_end(tmp_path):
     assert log.verify(expected_head=head)
     lines = log.path.read_bytes().splitlines(keepends=True)
     log.path.write_bytes(b"".join(lines[:-1]))
-    assert log.verify()  # a shorter chain is still a chain...
+    with pytest.raises(AuditLogTampered, match="stored"):
+        log.verify()  # a shorter chain is still a chain, but not the one whose head was stored beside it...
+    log.head_path.unlink()
+    assert log.verify()
     with pytest.raises(AuditLogTampered, match="expected head"):
-        log.verify(expected_head=head)  # ...but not the one whose head was noted
+        log.verify(expected_head=head)  # ...nor the one whose head was noted elsewhere
 
 
 def test_audit_log_refuses_to_append_after_a_torn_last_line(tmp_path):
@@ -295,3 +298,45 @@ def test_audit_summary_lists_entries_and_flags_tampering(tmp_path):
     moved = tmp_path / ".fedmusk" / "audit.jsonl"
     moved.write_bytes(moved.read_bytes().replace(b'"round":1', b'"round":9'))
     assert "TAMPERED" in render() and "line 2" in render()
+
+
+def test_audit_log_detects_an_edited_last_line_by_its_stored_head(tmp_path):
+    log = filled_log(tmp_path, 2)
+    data = log.path.read_bytes()
+    log.path.write_bytes(data[: data.rstrip(b"\n").rfind(b"\n") + 1] + data.splitlines()[-1].replace(
+        b'"round":2', b'"round":7') + b"\n")  # fmt: skip
+    with pytest.raises(AuditLogTampered, match="line 2: the last line does not match the head stored"):
+        log.verify()
+
+
+def _audit(*args: str):
+    from typer.testing import CliRunner
+
+    from fedmusk.cli import app
+
+    result = CliRunner().invoke(app, ["audit", *args], terminal_width=400)
+    result.text = " ".join(result.output.split())  # the table wraps long lines
+    return result
+
+
+def test_audit_command_exits_non_zero_on_tampering_missing_or_empty_logs_and_prints_the_whole_head(tmp_path):
+    log = filled_log(tmp_path, 2)
+    intact = _audit(str(log.path))
+    assert intact.exit_code == 0 and log.head() in intact.text
+    assert _audit(str(log.path), "--head", log.head()).exit_code == 0
+    assert _audit(str(log.path), "--head", "f" * 64).exit_code == 1  # a head the site noted that is not there
+
+    log.path.write_bytes(log.path.read_bytes().replace(b'"round":1', b'"round":9'))
+    tampered = _audit(str(log.path))
+    assert tampered.exit_code == 1 and "TAMPERED" in tampered.text and "line 2" in tampered.text
+
+    wrong = _audit(str(tmp_path / "no-such-site"))
+    assert wrong.exit_code == 1 and "does not exist" in wrong.text
+    (tmp_path / "site").mkdir()
+    missing = _audit(str(tmp_path / "site"))
+    assert missing.exit_code == 1 and "NO AUDIT LOG" in missing.text
+    log.path.write_bytes(b"")
+    emptied = _audit(str(log.path))
+    assert emptied.exit_code == 1 and "EMPTY" in emptied.text
+    for result in (tampered, wrong, missing, emptied):
+        assert "Traceback" not in result.output

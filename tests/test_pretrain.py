@@ -257,7 +257,7 @@ def test_objective_without_data_is_skipped_and_its_heads_still_exchanged(site, t
     assert metrics["cases"] == 2 * 4 and math.isnan(metrics["mim"]) and math.isnan(metrics["clip"])
     full = trainer(tiny_cfg(), [site])
     assert set(t.adapter_state()) == set(full.adapter_state())
-    with pytest.raises(SiteDataError, match="no training data"):
+    with pytest.raises(SiteDataError, match="no pretraining data for the enabled objectives"):
         trainer(only("mim"), [text_only])
 
 

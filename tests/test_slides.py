@@ -139,9 +139,11 @@ def test_empty_file_is_refused(tmp_path):
 def test_dicom_series_folder_and_single_level_file_both_open(dicom_series):
     with open_slide(dicom_series) as slide:
         assert slide.kind == "dicom" and len(slide.levels) == 3
-    with open_slide(dicom_series / "level-1.dcm") as slide:
-        assert slide.kind == "dicom" and slide.dimensions == (240, 160) and slide.mpp == pytest.approx(0.5)
+    with open_slide(dicom_series / "level-0.dcm") as slide:
+        assert slide.kind == "dicom" and slide.dimensions == (480, 320) and slide.mpp == pytest.approx(0.25)
     check_slide(dicom_series)
+    with pytest.raises(SlideError, match="missing its base level"):  # a resampled level alone is not the slide
+        open_slide(dicom_series / "level-1.dcm")
 
 
 @pytest.mark.parametrize("keep", [0.05, 0.5, 0.999])

@@ -102,6 +102,8 @@ def init_ca(dir: Path, hosts: Iterable[str] = (), days: int = 825, overwrite: bo
 
     Raises CertError, before writing anything, when a CA or SuperLink file already exists and ``overwrite`` is
     False. With ``overwrite`` the copies of ca.crt in registered sites' bundles are refreshed too."""
+    if Path(dir).exists() and not Path(dir).is_dir():
+        raise CertError(f"{dir} is a file; give a folder for the certificates")
     paths = CertPaths(Path(dir))
     names = _general_names(hosts)  # bad host names fail before any file is touched
     if not overwrite:
@@ -281,8 +283,7 @@ def certificate_fingerprint(cert: x509.Certificate) -> str:
 def load_certificate(path: Path) -> x509.Certificate:
     """The PEM certificate in ``path``; CertError when it is missing or is not a certificate."""
     path = Path(path)
-    if not path.is_file():
-        raise CertError(f"{path} does not exist")
+    _need_file(path)
     data = path.read_bytes()
     if b"PRIVATE KEY-----" in data:
         raise CertError(f"{path} holds a private key, not a certificate")
@@ -402,16 +403,14 @@ def _check_dates(path: Path, cert: x509.Certificate, now: dt.datetime) -> None:
 
 
 def _check_private_mode(path: Path) -> None:
-    if not path.is_file():
-        raise CertError(f"{path} does not exist")
+    _need_file(path)
     mode = stat.S_IMODE(path.stat().st_mode)
     if os.name == "posix" and mode & 0o077:
         raise CertError(f"{path} is readable by other users (mode {mode:04o}); run: chmod 600 {path}")
 
 
 def _load_pem_private_key(path: Path):
-    if not path.is_file():
-        raise CertError(f"{path} does not exist")
+    _need_file(path)
     try:
         return serialization.load_pem_private_key(path.read_bytes(), password=None)
     except TypeError:
@@ -421,8 +420,7 @@ def _load_pem_private_key(path: Path):
 
 
 def _read_site_public_key(path: Path) -> bytes:
-    if not path.is_file():
-        raise CertError(f"{path} does not exist")
+    _need_file(path)
     data = path.read_bytes().strip()
     if b"PRIVATE KEY" in data:
         raise CertError(f"{path} is a private key; ask the site for its public key site.pub (site.key stays there)")
@@ -471,6 +469,13 @@ def _pem_key(key) -> bytes:
 
 def _openssh_public(key) -> bytes:
     return key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+
+
+def _need_file(path: Path) -> None:
+    if path.is_dir():
+        raise CertError(f"{path} is a folder; give the file itself")
+    if not path.is_file():
+        raise CertError(f"{path} does not exist")
 
 
 def _refuse_existing(*paths: Path) -> None:

@@ -26,7 +26,9 @@ ConfigFiles = Annotated[
 
 
 def _fail(message: str, code: int = 2) -> None:
-    err_console.print(f"[bold red]error:[/] {message}")
+    from rich.markup import escape
+
+    err_console.print(f"[bold red]error:[/] {escape(message)}")  # messages quote lists: [a, b] is not markup
     raise typer.Exit(code)
 
 
@@ -40,6 +42,7 @@ def _user_errors():
 
     errors: tuple[type[BaseException], ...] = (
         ConfigError, WeightsMismatchError, FileNotFoundError, CertError, CoordinatorError, DaemonError,
+        PermissionError,
     )  # fmt: skip
     try:
         from fedmusk.data.errors import SiteDataError
@@ -133,13 +136,17 @@ def train(
     site: SiteRoots,
     out: Annotated[Path, typer.Option("--out", help="Output folder for metrics.json, plots, adapter, MLflow store.")],
     overrides: Overrides = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an earlier run in --out.")] = False,
 ) -> None:
     """Train on one site (local baseline) or several pooled (centralized baseline); write metrics and plots."""
     from fedmusk.training.run import run_train
 
     cfg = _run(_load, [config], overrides)
-    result = _run(run_train, cfg, site, out, err_console)
+    result = _run(run_train, cfg, site, out, err_console, force)
     test = result["test"]
+    if test is None:
+        console.print(f"test: none ({result['test_note']}); adapter and metrics in {out}")
+        return
     console.print(
         f"test: C-index {_num(test.get('c_index'))}, AUROC {_num(test.get('auc'))} "
         f"(n = {test.get('n', 0)}); metrics in {out / 'metrics.json'}"
@@ -170,11 +177,19 @@ def prepare(
 @app.command()
 def audit(
     site_root: Annotated[Path, typer.Argument(help="The site folder (or the audit log file itself).")],
+    head: Annotated[
+        str | None, typer.Option("--head", help="A head hash noted earlier: check that the log still holds it.")
+    ] = None,
 ) -> None:
-    """Show what this site has sent to coordinators, round by round, and whether the log's hash chain is intact."""
-    from fedmusk.client.audit import summarize
+    """Show what this site has sent to coordinators, round by round, and whether the log's hash chain is intact.
 
-    console.print(_run(summarize, site_root))
+    Exits 1 when the chain is broken, the last line does not match the stored (or given) head, or the log is
+    missing or empty."""
+    from fedmusk.client.audit import inspect_log
+
+    table, ok = _run(inspect_log, site_root, head)
+    console.print(table)
+    raise typer.Exit(0 if ok else 1)
 
 
 def _run_synth(fn, *args, **kwargs):

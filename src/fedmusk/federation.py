@@ -56,10 +56,15 @@ def run_simulation_from_config(
     from fedmusk.client.client_app import build_client_app
     from fedmusk.server.server_app import ADAPTER_DIR, build_server_app
 
+    from fedmusk.training.run import check_site_folders
+
+    check_site_folders([Path(r) for r in site_roots])  # before Ray starts: a missing or doubled site is a typo
     roots = [Path(r).resolve() for r in site_roots]
     if len(roots) < cfg.federation.min_sites:
         raise ConfigError(f"{len(roots)} site folders given, but federation.min_sites is {cfg.federation.min_sites}")
     out = Path(out_dir).resolve()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder; choose a folder for the federation's results")
     check_federation_config(cfg)
     has_checkpoints = bool(list_rounds(out / CHECKPOINT_DIR))
     if has_checkpoints and not resume:
@@ -118,6 +123,7 @@ def summarize(
         "federation_id": ckpt.extra["federation_id"],
         "rounds": rounds,
         "test": test,
+        "excluded": test.pop("excluded"),
         "bytes_up_per_client_round": sum(bytes_up) / len(bytes_up) if bytes_up else 0.0,
         "bytes_down_per_round": sum(r["bytes_down"] for r in rounds) / len(rounds) if rounds else 0.0,
         "tracking_uri": ckpt.extra.get("tracking_uri"),
@@ -151,10 +157,12 @@ def final_test(
 ) -> dict[str, Any]:
     """Test metrics of the final adapter: ``per_site`` (each site's test cases with the adapter that site uses:
     the global one, under FedSA the global A with the site's own B and heads) and ``pooled`` (all sites' test cases
-    together, IPCW weights from all training cases)."""
+    together, IPCW weights from all training cases), and ``excluded``: each site's excluded cases by reason
+    (``summarize`` moves it to the summary's top level). A site without test cases has ``n`` 0 and a ``note``."""
     from fedmusk.training.outcome import Predictions
 
     per_site: dict[str, dict] = {}
+    excluded: dict[str, dict[str, int]] = {}
     predictions: list[Predictions] = []
     train_cases = []
     for i, _ in enumerate(roots):
@@ -163,6 +171,9 @@ def final_test(
         session.load_adapter_state(site.adapter_for_round(global_state, round + 1, federation_id))
         pred = session.trainer.predict(session.splits["test"])
         per_site[site.site_name] = _metrics_or_reason(pred, cfg, session.splits["train"])
+        if not pred.cases:
+            per_site[site.site_name]["note"] = "this site has no test cases"
+        excluded[site.site_name] = session.exclusion_counts
         predictions.append(pred)
         train_cases += session.splits["train"]
     pooled = Predictions(
@@ -171,7 +182,7 @@ def final_test(
         survival=None if predictions[0].survival is None else np.concatenate([p.survival for p in predictions]),
         eval_times=predictions[0].eval_times,
     )
-    return {"pooled": _metrics_or_reason(pooled, cfg, train_cases), "per_site": per_site}
+    return {"pooled": _metrics_or_reason(pooled, cfg, train_cases), "per_site": per_site, "excluded": excluded}
 
 
 def _metrics_or_reason(pred, cfg: FedMuskConfig, train_cases) -> dict[str, Any]:

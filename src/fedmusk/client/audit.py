@@ -4,7 +4,9 @@ Each line records what left (or would have left) the site: run, round, recipient
 dtype, size in bytes and the sha256 of its raw bytes (C order, little-endian: the bytes safetensors stores) -- never
 the values. Each line also stores ``prev_sha256``, the sha256 of the previous line's bytes (64 zeros on the first
 line), so editing or deleting any line breaks the chain at the line after it. Removing lines from the end leaves a
-valid shorter chain: note ``head()`` somewhere else now and then and pass it to ``verify(expected_head=...)``.
+valid shorter chain, and an edited last line has no line after it: so every append also stores the new head beside
+the log (``audit.jsonl.head``), and ``verify`` checks the last line against it. A head noted somewhere else (say, on
+paper, or in the hospital's own records) can be given to ``verify(expected_head=...)`` or ``fedmusk audit --head``.
 
 The file is only ever opened for appending, and created with permissions 0o600.
 """
@@ -22,6 +24,7 @@ import torch
 from torch import Tensor
 
 GENESIS = "0" * 64
+HEAD_SUFFIX = ".head"  # audit.jsonl.head: the head after the latest append
 AUDIT_LOG_DEFAULT = Path(".fedmusk") / "audit.jsonl"
 
 try:  # POSIX: serialise appends from several processes of one site
@@ -88,6 +91,11 @@ class AuditLog:
         """Every entry, oldest first (without checking the chain: use ``verify``)."""
         return [json.loads(line) for line in self._lines()]
 
+    @property
+    def head_path(self) -> Path:
+        """Where the head after the latest append is stored, beside the log."""
+        return self.path.with_name(self.path.name + HEAD_SUFFIX)
+
     def head(self) -> str:
         """sha256 of the last line (the chain's head); keep it elsewhere to detect lines cut from the end later."""
         lines = self._lines()
@@ -113,7 +121,20 @@ class AuditLog:
             seen_head = seen_head or prev == expected_head
         if not seen_head:
             raise AuditLogTampered(self.path, len(lines), f"no line has the expected head {expected_head}")
+        stored = self.stored_head()
+        if expected_head is None and stored is not None and stored != prev:
+            raise AuditLogTampered(
+                self.path, len(lines), f"the last line does not match the head stored in {self.head_path.name} "
+                "(the last line was edited, or lines were cut from or added to the end)",
+            )  # fmt: skip
         return True
+
+    def stored_head(self) -> str | None:
+        """The head stored beside the log by the latest append, or None when there is no such file."""
+        try:
+            return self.head_path.read_text().strip() or None
+        except FileNotFoundError:
+            return None
 
     def _lines(self) -> list[bytes]:
         try:
@@ -140,12 +161,25 @@ class AuditLog:
                 "prev_sha256": hashlib.sha256(last).hexdigest() if last else GENESIS,
             }
             line = json.dumps(entry, separators=(",", ":"), ensure_ascii=True).encode() + b"\n"
+            head = hashlib.sha256(line[:-1]).hexdigest()
             while line:  # O_APPEND and the lock: every piece lands at the end, right after the one before
                 line = line[os.write(fd, line) :]
             os.fsync(fd)
+            self._store_head(head)  # still under the lock: the stored head is always the latest line's
         finally:
             os.close(fd)  # also releases the lock
         return entry
+
+
+    def _store_head(self, head: str) -> None:
+        tmp = self.head_path.with_name(self.head_path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, (head + "\n").encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.head_path)
 
 
 def _last_line(path: Path, chunk: int = 1 << 16) -> bytes | None:
@@ -185,19 +219,37 @@ def audit_log_path(site_root_or_log: str | os.PathLike) -> Path:
 
 
 def summarize(path: str | os.PathLike):
-    """A rich Table of the log at ``path`` (a log file or a site folder): one row per entry, and whether the chain
-    is intact in the caption. Never raises for a tampered log: the caption says which line is broken."""
+    """A rich Table of the log at ``path`` (see ``inspect_log``); never raises for a tampered log."""
+    return inspect_log(path)[0]
+
+
+def inspect_log(path: str | os.PathLike, expected_head: str | None = None):
+    """``(table, ok)`` for the log at ``path`` (a log file or a site folder): one row per entry, and in the caption
+    whether the chain is intact, with the whole head hash. ``ok`` is False for a broken chain, a last line that
+    does not match the stored head (or ``expected_head``), and a missing or empty log."""
     from rich.table import Table
 
-    log = AuditLog(audit_log_path(path))
-    try:
-        log.verify()
-        status = f"[green]hash chain intact[/]; head {log.head()[:16]}"
-    except AuditLogTampered as err:
-        status = f"[bold red]TAMPERED[/]: {err}"
+    given = Path(path)
+    log = AuditLog(audit_log_path(given))
+    ok = False
+    if not given.exists():
+        status = f"[bold red]NO AUDIT LOG[/]: {given} does not exist (wrong path?)"
+    elif not log.path.is_file():
+        status = (f"[bold red]NO AUDIT LOG[/] at {log.path}: this site has sent nothing yet, or the log was deleted"
+                  + (" (a stored head says it held entries)" if log.stored_head() else ""))  # fmt: skip
+    elif log.path.stat().st_size == 0:
+        status = f"[bold red]EMPTY AUDIT LOG[/]: {log.path} holds no entries (emptied?)"
+    else:
+        try:
+            log.verify(expected_head)
+            checked = "the head given" if expected_head else "the stored head" if log.stored_head() else "no head"
+            status = f"[green]hash chain intact[/] (checked against {checked}); head {log.head()}"
+            ok = True
+        except AuditLogTampered as err:
+            status = f"[bold red]TAMPERED[/]: {err}"
     try:
         entries = log.entries()
-    except (AuditLogTampered, ValueError):
+    except (AuditLogTampered, ValueError, OSError):
         entries = []
     table = Table(title=f"fedmusk audit log: {log.path}", caption=status)
     for column in ("#", "time (UTC)", "event", "run", "round", "recipient", "tensors", "bytes", "details"):
@@ -215,4 +267,4 @@ def summarize(path: str | os.PathLike):
             f"{e.get('total_bytes', 0):,}" if sent else "-",
             "" if sent else "; ".join(e.get("reasons", [])),
         )
-    return table
+    return table, ok

@@ -442,7 +442,20 @@ class SiteClient:
             metrics.update(scalar_metrics(self.scrubber.metrics(shared), prefix=f"{split}_"))
             if split == "val":
                 n_val = int(result.get("n", 0))
+        if self.phase == OUTCOME:
+            metrics.update(self.case_counts())
         return n_val, metrics
+
+    def case_counts(self) -> dict[str, int]:
+        """Cases excluded from this site's training and evaluation, by reason (``excluded_no_tissue``,
+        ``excluded_unreadable``), and in plain mode the training cases used (``train_n``; under SecAgg+ the case
+        count travels only masked, inside the sum)."""
+        counts: dict[str, int] = {}
+        if not self.cfg.federation.secure_aggregation:
+            counts["train_n"] = int(self.session.num_train_cases)
+        for reason, n in getattr(self.session, "exclusion_counts", {}).items():
+            counts[f"excluded_{reason}"] = int(n)
+        return counts
 
     # -- helpers -----------------------------------------------------------------------------------------------------
 

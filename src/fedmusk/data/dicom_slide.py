@@ -33,6 +33,8 @@ class DicomFileInfo:
     description: str  # e.g. "CT Image Storage (modality CT)", for messages
     flavor: str = ""  # VOLUME, LABEL, OVERVIEW or THUMBNAIL for whole-slide images
     series_uid: str = ""
+    resampled: bool = False  # Image Type value 4 is RESAMPLED: a pyramid level made from a finer one
+    mpp: float | None = None  # pixel spacing in microns per pixel (VOLUME instances)
 
 
 class DicomSlide(Slide):
@@ -66,6 +68,15 @@ class DicomSlide(Slide):
         if len({v.series_uid for v in volumes}) > 1:
             raise SlideError(
                 "holds pyramids of more than one slide (several DICOM series); put each slide in its own folder",
+                path=display,
+            )
+        if all(v.resampled for v in volumes):
+            finest = min((v.mpp for v in volumes if v.mpp), default=None)
+            at = f" at {finest:.3g} um/px" if finest else ""
+            raise SlideError(
+                f"DICOM WSI series {volumes[0].series_uid or '(no Series Instance UID)'} is missing its base level "
+                f"(level 0, the full-resolution VOLUME instance whose Image Type ends in NONE): only resampled levels"
+                f" are present, the finest{at}; copy the whole series from the archive",
                 path=display,
             )
         try:
@@ -127,8 +138,11 @@ def inspect_dicom_file(path: Path) -> DicomFileInfo:
     _check_pixel_data(path, ds, pixel_data_at, size)  # first: a truncated header also looks like missing attributes
     image_type = list(ds.get("ImageType") or [])
     flavor = str(image_type[2]).upper() if len(image_type) > 2 else ""
-    info = DicomFileInfo(path, True, "VL Whole Slide Microscopy image", flavor, str(ds.get("SeriesInstanceUID", "")))
-    if flavor == "VOLUME" and _pixel_spacing(ds) is None:
+    resampled = len(image_type) > 3 and str(image_type[3]).upper() == "RESAMPLED"
+    spacing = _pixel_spacing(ds)
+    info = DicomFileInfo(path, True, "VL Whole Slide Microscopy image", flavor, str(ds.get("SeriesInstanceUID", "")),
+                         resampled, None if spacing is None else spacing * 1000.0)  # fmt: skip
+    if flavor == "VOLUME" and spacing is None:
         raise SlideError(
             "has no pixel spacing (Shared Functional Groups > Pixel Measures > Pixel Spacing is missing or zero), "
             "so microns per pixel are unknown",

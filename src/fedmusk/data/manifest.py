@@ -21,8 +21,9 @@ from __future__ import annotations
 import csv
 import io
 import math
+import unicodedata
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from fedmusk.data.errors import SiteDataError
@@ -160,8 +161,21 @@ def _parse(site_root: Path, manifest: Manifest) -> None:
     except OSError as err:
         problems.append(error(f"cannot be read ({err.strerror or type(err).__name__})", path=MANIFEST_NAME))
         return
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or raw[1:2] == b"\x00" or raw[:1] == b"\x00":
+        try:  # Excel's "Unicode Text" (UTF-16, tab-separated); without a byte-order mark, NUL bytes give it away
+            bom = raw.startswith((b"\xff\xfe", b"\xfe\xff"))
+            text = raw.decode("utf-16" if bom else "utf-16-le" if raw[1:2] == b"\x00" else "utf-16-be")
+        except UnicodeDecodeError:
+            problems.append(error("looks like UTF-16 text but cannot be decoded; save it as CSV UTF-8",
+                                  path=MANIFEST_NAME))  # fmt: skip
+            return
+        problems.append(warning("is UTF-16 (Excel's 'Unicode Text'); it was read as such (CSV UTF-8 is preferred)",
+                                path=MANIFEST_NAME))  # fmt: skip
+        text = text.lstrip("\ufeff")
+    else:
+        text = None
     try:
-        text = raw.decode("utf-8-sig")
+        text = raw.decode("utf-8-sig") if text is None else text
     except UnicodeDecodeError:
         try:
             text = raw.decode("cp1252")
@@ -187,7 +201,35 @@ def _parse(site_root: Path, manifest: Manifest) -> None:
         problems.append(error("has a header but no data rows", path=MANIFEST_NAME))
         return
     parsed = [_parse_row(n, cells, header, problems) for n, cells in _data_rows(header, data)]
-    manifest.rows = _check_cases([r for r in parsed if r is not None], problems)
+    parsed = [_as_on_disk(site_root, r) for r in parsed if r is not None]
+    manifest.rows = _check_cases(parsed, problems)
+
+
+def _as_on_disk(site_root: Path, row: ManifestRow) -> ManifestRow:
+    """``row`` with its paths spelled as on disk where they differ only in Unicode normalisation (a name typed in
+    a spreadsheet is composed, NFC; macOS writes file names decomposed, NFD)."""
+    slide = on_disk_spelling(site_root, row.slide)
+    report = None if row.report is None else on_disk_spelling(site_root, row.report)
+    return row if (slide, report) == (row.slide, row.report) else replace(row, slide=slide, report=report)
+
+
+def on_disk_spelling(site_root: Path, relative: str) -> str:
+    """``relative`` as it is spelled on disk, matching each part by its NFC form when the exact spelling does not
+    exist; ``relative`` unchanged when nothing matches (the caller reports it as not found)."""
+    if (site_root / relative).exists() or relative.isascii():
+        return relative
+    folder, parts = site_root, []
+    for part in relative.split("/"):
+        if not (folder / part).exists():
+            wanted = unicodedata.normalize("NFC", part)
+            try:
+                part = next((e.name for e in folder.iterdir() if unicodedata.normalize("NFC", e.name) == wanted),
+                            part)  # fmt: skip
+            except OSError:
+                return relative
+        parts.append(part)
+        folder = folder / part
+    return "/".join(parts)
 
 
 def _check_header(header: list[str], data: list[list[str]], problems: list[Problem]) -> bool:

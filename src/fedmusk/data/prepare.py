@@ -13,6 +13,7 @@ batches arrive in grid order whatever the number of workers, so features do not 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -27,7 +28,7 @@ from safetensors.torch import save_file
 from fedmusk.data.errors import SiteDataError
 from fedmusk.data.slides import Slide, open_slide
 from fedmusk.data.tile_loader import iter_tile_batches
-from fedmusk.data.tiles import TileCoord, tile_grid
+from fedmusk.data.tiles import LEVEL_MPP_SLACK, TileCoord, tile_grid
 
 CACHE_DIRNAME = ".fedmusk"
 CACHE_FORMAT = 1
@@ -52,6 +53,7 @@ class PrepareResult:
     prepared: list[str] = field(default_factory=list)
     up_to_date: list[str] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)  # (slide, reason)
+    warnings: list[tuple[str, str]] = field(default_factory=list)  # (slide, note): no tissue, upscaled tiles
     tiles: int = 0  # tiles of every slide that is ready now (prepared or up to date)
     tiles_computed: int = 0  # tiles read (and embedded) by this run
 
@@ -132,9 +134,34 @@ def is_current(cached: CachedSlide | None, fingerprint: str, tiling: TilingSetti
     return cached.tiling == tiling_fingerprint(tiling) or cached.fingerprint == fingerprint
 
 
+class CacheWriteError(SiteDataError):
+    """The tile cache cannot be written (permissions, a full disk): a problem of the site folder, not of one slide,
+    so preparing stops; the slides finished so far are kept."""
+
+    @classmethod
+    def from_error(cls, folder: Path, err: BaseException) -> CacheWriteError:
+        text = str(err)
+        errno_ = getattr(err, "errno", None)
+        if errno_ in (errno.EACCES, errno.EPERM, errno.EROFS) or "ermission denied" in text or "Read-only" in text:
+            why = ("permission denied: the site folder is read-only for this account, or the cache was written by "
+                   "another account; run as the account that owns it, or fix its permissions")  # fmt: skip
+        elif errno_ == errno.ENOSPC or "No space left" in text or "StorageFull" in text:
+            why = "the disk is full: free some space and run again (slides finished so far are kept)"
+        else:
+            why = f"{type(err).__name__}: {_first_line(text)}"
+        return cls(f"cannot write the tile cache: {why}", path=folder)
+
+
+def _first_line(text: str) -> str:
+    return (text.strip().splitlines() or [""])[0]
+
+
 def _write_cache(site_root: Path, relative_slide: str, coords, features, fingerprint: str, tiling: TilingSettings):
     out = cache_dir(site_root)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CacheWriteError.from_error(out, err) from None
     final = out / f"{slide_key(relative_slide)}.safetensors"
     tmp = final.with_suffix(".tmp")  # a leftover from a killed run has this very name and is simply overwritten
     tensors = {"coords": coords}
@@ -142,8 +169,12 @@ def _write_cache(site_root: Path, relative_slide: str, coords, features, fingerp
         tensors["features"] = features.contiguous()
     meta = {"fingerprint": fingerprint, "tiling": tiling_fingerprint(tiling), "mpp": repr(tiling.target_mpp),
             "format": str(CACHE_FORMAT)}  # fmt: skip
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, final)  # atomic: a killed prepare leaves either the old entry or the new one
+    try:
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, final)  # atomic: a killed prepare leaves either the old entry or the new one
+    except Exception as err:  # noqa: BLE001 - OSError, or safetensors' own error wrapping one
+        tmp.unlink(missing_ok=True)
+        raise CacheWriteError.from_error(out, err) from None
 
 
 # -- reading tiles ---------------------------------------------------------------------------------------------------
@@ -192,12 +223,15 @@ def prepare_slide(
     *,
     num_workers: int = 0,
     on_tiles: Callable[[int], None] | None = None,
+    notes: list[str] | None = None,
 ) -> tuple[bool, int]:
     """Tile (and, with a model, embed) one slide unless its cache is current. Returns (was_done_now, tiles).
 
     Tiles only (``model=None``): an entry cut with the same tiling is current, and its features are kept.
     With a model, coordinates of an entry with the same tiling are reused and only the features are computed.
-    ``on_tiles(k)`` reports progress in tiles. Raises SiteDataError (SlideError) when the slide cannot be read.
+    ``on_tiles(k)`` reports progress in tiles; ``notes`` receives a warning when the slide's finest level is
+    coarser than ``target_mpp`` (its tiles are enlarged). Raises SiteDataError (SlideError) when the slide cannot
+    be read.
     """
     cached = read_cache(site_root, relative_slide)
     if is_current(cached, fingerprint, tiling, features=model is not None):
@@ -208,6 +242,8 @@ def prepare_slide(
         coords = cached.tile_coords()
     features = None
     with open_slide(path) as slide:
+        if notes is not None and slide.mpp > tiling.target_mpp * (1 + LEVEL_MPP_SLACK):
+            notes.append(upscale_warning(slide.mpp, tiling.target_mpp))
         if coords is None:
             coords = tile_grid(slide, tiling.target_mpp, tiling.tile_size, tiling.min_tissue)
         if model is not None and num_workers == 0:
@@ -251,18 +287,36 @@ def prepare_site(
             if on_tiles is not None:
                 on_tiles(k)
 
+        notes: list[str] = []
         try:
             done, n = prepare_slide(site_root, rel, tiling, fingerprint, model, transform, batch_size, ms_aug,
-                                    num_workers=num_workers, on_tiles=count)  # fmt: skip
+                                    num_workers=num_workers, on_tiles=count, notes=notes)  # fmt: skip
+        except CacheWriteError:
+            raise  # the next slide would fail the same way
         except SiteDataError as err:
             result.failed.append((rel, _reason(site_root, rel, err)))
         else:
+            if n == 0:
+                notes.append(NO_TISSUE_WARNING)
+            result.warnings += [(rel, note) for note in notes]
             (result.prepared if done else result.up_to_date).append(rel)
             result.tiles += n
             result.tiles_computed += n if done else 0
         if progress is not None:
             progress(f"slide {i} of {len(slides)}")
     return result
+
+
+NO_TISSUE_WARNING = (
+    "no tissue tile was found (blank or very pale scan, or data.min_tissue too high); a case whose slides are all "
+    "like this is excluded from training and evaluation"
+)
+
+
+def upscale_warning(slide_mpp: float, target_mpp: float) -> str:
+    """The note for a slide whose finest level is coarser than the tiles asked for."""
+    return (f"the finest level is {slide_mpp:.3g} um/px, coarser than data.target_mpp={target_mpp:g}: its tiles are "
+            f"enlarged {slide_mpp / target_mpp:.2g}x and show less detail than they claim")  # fmt: skip
 
 
 def _reason(site_root: Path, slide: str, err: SiteDataError) -> str:

@@ -17,7 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from fedmusk.config import FedMuskConfig
-from fedmusk.data.prepare import PrepareResult, TilingSettings, cache_dir, prepare_site
+from fedmusk.data.prepare import NO_TISSUE_WARNING, PrepareResult, TilingSettings, cache_dir, prepare_site
 from fedmusk.data.validate import validate_site
 
 
@@ -58,6 +58,7 @@ def run_prepare(
     start = time.perf_counter()
     result = _prepare_with_progress(site_root, slides, cfg, model, transform, console)
     seconds = time.perf_counter() - start
+    _print_warnings(console, result)
     _print_failures(console, result)
     _print_summary(console, site_root, result, embed, seconds)
     return 0 if report.ok and result.ok else 1
@@ -87,6 +88,18 @@ def _prepare_with_progress(site_root, slides, cfg, model, transform, console: Co
         )  # fmt: skip
 
 
+def _print_warnings(console: Console, result: PrepareResult) -> None:
+    if not result.warnings:
+        return
+    table = Table(title="Slides to look at (prepared, with a warning)", expand=False)
+    table.add_column("severity", no_wrap=True)
+    table.add_column("file", overflow="fold")
+    table.add_column("problem", overflow="fold")
+    for slide, note in result.warnings:
+        table.add_row(Text("warning", style="yellow"), Text(slide), Text(note))
+    console.print(table)
+
+
 def _print_failures(console: Console, result: PrepareResult) -> None:
     if not result.failed:
         return
@@ -107,6 +120,8 @@ def _print_summary(console: Console, site_root: Path, result: PrepareResult, emb
     table.add_row(f"slides {what} now", str(len(result.prepared)))
     table.add_row("slides up to date", str(len(result.up_to_date)))
     table.add_row("slides failed", Text(str(len(result.failed)), style="bold red" if result.failed else ""))
+    no_tissue = sum(note == NO_TISSUE_WARNING for _, note in result.warnings)
+    table.add_row("slides without tissue tiles", Text(str(no_tissue), style="yellow" if no_tissue else ""))
     table.add_row("tiles ready", f"{result.tiles} ({result.tiles_computed} computed now{rate})")
     table.add_row("cache", Text(str(cache_dir(site_root))))
     console.print(table)

@@ -32,11 +32,16 @@ class IdentifierFinding:
     end: int
 
 
-def read_report(path: str | Path) -> str:
-    """The text of a report (or any other site text file), newlines normalised to ``\\n``.
+REPORT_MAX_BYTES = 1 << 20  # a pathology report is a few KB; beyond 1 MiB only the start is read (validate warns)
 
-    UTF-8 is expected; files saved by older Windows programs (Windows-1252) are accepted too. Raises SiteDataError
-    when the file is missing, is a folder, cannot be read, or is binary rather than text.
+
+def read_report(path: str | Path, max_bytes: int | None = None) -> str:
+    """The text of a report (or any other site text file), newlines normalised to ``\n``.
+
+    UTF-8 is expected; files saved by older Windows programs (Windows-1252) and UTF-16 files with a byte-order mark
+    (Excel's and Notepad's "Unicode") are accepted too. With ``max_bytes`` only the file's first ``max_bytes`` are
+    read (cut at the last line or word break before). Raises SiteDataError when the file is missing, is a folder,
+    cannot be read, or is binary rather than text.
     """
     path = Path(path)
     if not path.exists():
@@ -44,20 +49,36 @@ def read_report(path: str | Path) -> str:
     if not path.is_file():
         raise SiteDataError("is a folder, expected a text file (.txt)", path=path)
     try:
-        raw = path.read_bytes()
+        with path.open("rb") as f:
+            raw = f.read() if max_bytes is None else f.read(max_bytes + 1)
     except OSError as err:
         raise SiteDataError(f"file cannot be read ({err.strerror or type(err).__name__})", path=path) from None
+    if max_bytes is not None and len(raw) > max_bytes:
+        cut = max(raw.rfind(b"\n", 0, max_bytes), raw.rfind(b" ", 0, max_bytes))
+        raw = raw[: cut if cut > 0 else max_bytes]
+    text = decode_text(raw)
+    if text is None:
+        raise SiteDataError("is not a text file (it contains binary data)" if b"\x00" in raw else
+                            "is not readable text (save it as UTF-8)", path=path)  # fmt: skip
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def decode_text(raw: bytes) -> str | None:
+    """``raw`` decoded as UTF-16 (with a byte-order mark), UTF-8 or Windows-1252, the first that fits; None for
+    binary data."""
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        try:
+            return raw.decode("utf-16")
+        except UnicodeDecodeError:
+            return None
     if b"\x00" in raw:
-        raise SiteDataError("is not a text file (it contains binary data)", path=path)
+        return None
     for encoding in ("utf-8-sig", "cp1252"):
         try:
-            text = raw.decode(encoding)
-            break
+            return raw.decode(encoding)
         except UnicodeDecodeError:
             continue
-    else:
-        raise SiteDataError("is not readable text (save it as UTF-8)", path=path)
-    return text.replace("\r\n", "\n").replace("\r", "\n")
+    return None
 
 
 _MONTH = (

@@ -28,8 +28,8 @@ from pathlib import Path, PurePath
 
 from fedmusk.data.dicom_headers import dicom_patient_values
 from fedmusk.data.errors import SiteDataError
-from fedmusk.data.manifest import Manifest, read_manifest, relative_site_path
-from fedmusk.data.reports import find_identifiers, read_report
+from fedmusk.data.manifest import Manifest, on_disk_spelling, read_manifest, relative_site_path
+from fedmusk.data.reports import REPORT_MAX_BYTES, find_identifiers, read_report
 
 CASE = "[case]"
 PATH = "[path]"
@@ -110,9 +110,10 @@ class Scrubber:
                 rel, _ = relative_site_path(written)
                 if rel is None:
                     continue
-                paths.extend([rel, str(site_root / rel)])
+                disk = on_disk_spelling(site_root, rel)  # a decomposed (macOS) file name, spelled as on disk
+                paths.extend(dict.fromkeys([rel, str(site_root / rel), disk, str(site_root / disk)]))
                 if column == "report":
-                    texts.append(_text_or_empty(site_root / rel))
+                    texts.append(_text_or_empty(site_root / rel, REPORT_MAX_BYTES))
                 else:
                     dicom_values, dicom_names = dicom_patient_values(site_root / rel)
                     identifiers.extend(dicom_values)
@@ -348,9 +349,9 @@ def _pretrain_texts(pretrain: Path, paths: list[str]) -> list[str]:
     return texts
 
 
-def _text_or_empty(path: Path) -> str:
+def _text_or_empty(path: Path, max_bytes: int | None = None) -> str:
     try:
-        return read_report(path)
+        return read_report(path, max_bytes)
     except SiteDataError:
         return ""
 

@@ -21,7 +21,7 @@ from fedmusk.data.dicom_headers import has_dicom_preamble, is_dicom_file, wsi_he
 from fedmusk.data.errors import SiteDataError
 from fedmusk.data.manifest import MANIFEST_NAME, Manifest, ManifestRow, read_manifest
 from fedmusk.data.problems import ERROR, WARNING, Problem, error, warning
-from fedmusk.data.reports import describe_findings, find_identifiers, read_report
+from fedmusk.data.reports import REPORT_MAX_BYTES, describe_findings, find_identifiers, read_report
 from fedmusk.data.validate_pretrain import pretrain_problems
 
 __all__ = ["Problem", "ValidationReport", "validate_site", "run_validate", "content_fingerprint"]
@@ -206,11 +206,29 @@ def _slide_problems(site_root: Path, row: ManifestRow, check_slides: bool) -> li
 
     try:
         check_slide(path)
+        tissue = _tissue_share(path)
     except SiteDataError as err:
         return bad(_without_site_root(site_root, err.message), _inside(site_root, err.path) or row.slide)
     except Exception as err:  # noqa: BLE001 - third-party readers raise all sorts of things for damaged files
         return bad(_without_site_root(site_root, f"slide cannot be read ({type(err).__name__}: {err})"))
+    if tissue < _MIN_TISSUE_SHARE:
+        return [warning("no tissue detected on this slide (blank or very pale scan?); it gives no tiles, and a case "
+                        "whose slides are all like this is excluded from training and evaluation", row=row.row,
+                        field="slide", path=row.slide)]  # fmt: skip
     return []
+
+
+_MIN_TISSUE_SHARE = 1e-3  # of the thumbnail: below this, tissue detection finds nothing to tile
+_THUMBNAIL_PX = 1024
+
+
+def _tissue_share(path: Path) -> float:
+    """The share of the slide's thumbnail that tissue detection calls tissue (0 for a blank scan)."""
+    from fedmusk.data.slides import open_slide
+    from fedmusk.data.tissue import tissue_fraction
+
+    with open_slide(path) as slide:
+        return tissue_fraction(slide.thumbnail(_THUMBNAIL_PX))
 
 
 def _without_site_root(site_root: Path, message: str) -> str:
@@ -273,9 +291,14 @@ def _head(path: Path) -> bytes:
 
 def _report_problems(site_root: Path, row: ManifestRow) -> list[Problem]:
     try:
-        text = read_report(site_root / row.report)
+        text = read_report(site_root / row.report, REPORT_MAX_BYTES)
     except SiteDataError as err:
         return [error(err.message, row=row.row, field="report", path=row.report)]
+    size = (site_root / row.report).stat().st_size
+    if size > REPORT_MAX_BYTES:
+        return [warning(f"report is {size / 2**20:.1f} MiB; only its first {REPORT_MAX_BYTES >> 20} MiB is used "
+                        "(a pathology report is a few KB: is this the right file?)", row=row.row, field="report",
+                        path=row.report)]  # fmt: skip
     if not text.strip():
         return [warning("report is empty; the case will be used without report text", row=row.row, field="report",
                         path=row.report)]

@@ -193,8 +193,8 @@ COUNT_METRICS = ("n", "n_events", "n_positive")  # summed over sites; the other 
 
 def weighted_site_mean(per_site: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
     """Across sites: each ``<split>_<metric>`` averaged over the sites that report it, weighted by their
-    ``<split>_n`` cases; case counts (``<split>_n``, ``_n_events``, ``_n_positive``) summed; confidence limits
-    (``_lo``/``_hi``) left out (they do not average)."""
+    ``<split>_n`` cases; case counts (``<split>_n``, ``_n_events``, ``_n_positive``, ``excluded_<reason>``) summed;
+    confidence limits (``_lo``/``_hi``) left out (they do not average)."""
     sums: dict[str, float] = {}
     weights: dict[str, float] = {}
     for metrics in per_site.values():
@@ -202,10 +202,11 @@ def weighted_site_mean(per_site: Mapping[str, Mapping[str, float]]) -> dict[str,
             if key.endswith(("_lo", "_hi")) or not isinstance(value, int | float) or not math.isfinite(value):
                 continue
             split, _, metric = key.partition("_")
-            w = 1.0 if metric in COUNT_METRICS else float(metrics.get(f"{split}_n", 0) or 0)
+            count = metric in COUNT_METRICS or split == "excluded"  # excluded_<reason>: cases, summed
+            w = 1.0 if count else float(metrics.get(f"{split}_n", 0) or 0)
             if w > 0:
                 sums[key] = sums.get(key, 0.0) + w * float(value)
-                weights[key] = weights.get(key, 0.0) + (0.0 if metric in COUNT_METRICS else w)
+                weights[key] = weights.get(key, 0.0) + (0.0 if count else w)
     return {k: sums[k] / weights[k] if weights[k] else sums[k] for k in sorted(sums)}
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedmusk.data.manifest import read_manifest
-from fedmusk.data.reports import read_report
+from fedmusk.data.reports import REPORT_MAX_BYTES, read_report
 
 SPLITS = ("train", "val", "test")
 
@@ -44,7 +44,7 @@ def load_site_cases(site_root: str | Path, seed: int = 0, val_fraction: float = 
     manifest = read_manifest(site_root, strict=True)
     cases = []
     for case in manifest.cases():
-        text = "\n".join(read_report(site_root / r) for r in case.reports)
+        text = "\n".join(read_report(site_root / r, REPORT_MAX_BYTES) for r in case.reports)
         split = case.split or assign_split(case.case_id, seed, val_fraction, test_fraction)
         cases.append(
             CaseRecord(

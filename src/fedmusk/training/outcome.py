@@ -190,14 +190,18 @@ class OutcomeTrainer:
     @torch.no_grad()
     def predict(self, cases: list[CaseRecord]) -> Predictions:
         cases = self.usable_cases(cases)
+        t = self.cfg.train
+        if not cases:  # no cases in this split (a site without test cases, say): empty, not an error
+            nll = t.task == "survival" and t.survival_loss == "nll"
+            times = np.array(sorted(t.time_bins), dtype=np.float32) if nll else None
+            return Predictions([], np.zeros(0), np.zeros((0, len(t.time_bins))) if nll else None, times)
         self.model.eval()
         risks, logits_all = [], []
         size = self.cfg.train.batch_cases
         for start in range(0, len(cases), size):
             logits, _ = self._forward(cases[start : start + size], train=False)
             logits_all.append(logits.float().cpu())
-        logits = torch.cat(logits_all) if logits_all else torch.zeros(0)
-        t = self.cfg.train
+        logits = torch.cat(logits_all)
         survival = eval_times = None
         if t.task == "survival" and t.survival_loss == "nll":
             risks = bins_to_risk(logits)

@@ -49,7 +49,7 @@ from fedmusk.musk_model.transforms import musk_transform
 from fedmusk.runtime import load_model, load_tokenizer, resolve_device, seed_everything
 from fedmusk.training import augment
 from fedmusk.training.outcome import lora_settings
-from fedmusk.training.pretrain_data import PretrainData, PretrainImage, read_pretrain_folder
+from fedmusk.training.pretrain_data import PRETRAIN_DIR, PretrainData, PretrainImage, read_pretrain_folder
 
 StateDict = dict[str, Tensor]
 OBJECTIVES = ("mlm", "mim", "clip")
@@ -58,6 +58,16 @@ EVAL_SPLITS = ("train", "val", "test")
 # Held-out shares of pretraining items. Smaller than the outcome splits (train.val_fraction, train.test_fraction):
 # unlabelled data is plentiful, and a loss on a few dozen held-out items is enough to watch for overfitting.
 VAL_FRACTION, TEST_FRACTION = 0.05, 0.05
+
+
+def site_pretrain_data(site_root: str | Path, cfg: FedMuskConfig, max_words: int, warn=None) -> PretrainData:
+    """A site's pretraining data: its ``pretrain/`` folder when it has one, else the tiles, reports and slide-report
+    pairs of its training cases (``fedmusk.training.pretrain_cases``)."""
+    if (Path(site_root) / PRETRAIN_DIR).is_dir():
+        return read_pretrain_folder(site_root, max_words=max_words)
+    from fedmusk.training.pretrain_cases import case_pretrain_data
+
+    return case_pretrain_data(site_root, cfg, max_words, warn)
 
 
 # -- moving LoRA between phases ----------------------------------------------------------------------------------------
@@ -202,12 +212,15 @@ class PretrainTrainer:
     """Continued pretraining of one MUSK (``base_model``, consumed: wrapped by peft) on the pretrain/ folders of
     ``site_roots``; the interface of ``OutcomeTrainer`` (adapter_state, load_adapter_state, train_epoch, evaluate).
 
+    A site without a ``pretrain/`` folder pretrains on its own training cases instead (``site_pretrain_data``).
     Items are split into train/val/test as cases are (``assign_split`` by file name or text, 5% val, 5% test);
     training uses the train items. Raises ConfigError for a bad objective setup and SiteDataError when
     the folders cannot be read or hold nothing for any enabled objective.
     """
 
-    def __init__(self, cfg: FedMuskConfig, base_model, tokenizer, site_roots: Sequence[str | Path], device):
+    def __init__(
+        self, cfg: FedMuskConfig, base_model, tokenizer, site_roots: Sequence[str | Path], device, warn=None
+    ):
         p = cfg.train.pretrain
         self.enabled = enabled_objectives(cfg)
         self.weights = {"mlm": p.mlm_weight, "mim": p.mim_weight, "clip": p.clip_weight}
@@ -215,11 +228,13 @@ class PretrainTrainer:
         self.max_len = cfg.model.max_text_len
         self.data = PretrainData()
         for root in site_roots:
-            self.data = self.data + read_pretrain_folder(root, max_words=max(8, self.max_len // 2))
+            self.data = self.data + site_pretrain_data(root, cfg, max_words=max(8, self.max_len // 2), warn=warn)
         self.train_data = self._split("train")
         if not any(self._items(self.train_data, o) for o in self.enabled):
-            where = ", ".join(str(Path(r) / "pretrain") for r in site_roots)
-            raise SiteDataError(f"no training data for the enabled objectives {self.enabled} in {where}")
+            raise SiteDataError(
+                f"no pretraining data for the enabled objectives ({', '.join(self.enabled)}): neither a pretrain/ "
+                "folder nor training cases with tissue tiles or reports; this site sits the pretraining rounds out"
+            )
 
         mc = base_model.config
         self.img_size, self.grid = mc.img_size, mc.grid_size
@@ -415,14 +430,14 @@ class PretrainSession:
     """Continued pretraining on the pretrain/ folders of ``site_roots``, with ``SiteSession``'s interface so that
     the federation runs it for pretraining rounds (``train.task == "pretrain"`` or ``federation.pretrain_rounds``)."""
 
-    def __init__(self, cfg: FedMuskConfig, site_roots: Sequence[str | Path], device=None, progress=None):
+    def __init__(self, cfg: FedMuskConfig, site_roots: Sequence[str | Path], device=None, progress=None, warn=None):
         # progress: accepted for SiteSession's signature; nothing here is slow enough to report
         self.cfg = cfg
         seed_everything(cfg.seed)
         self.device = resolve_device(cfg.device) if device is None else torch.device(device)
         self.site_roots = [Path(s) for s in site_roots]
         base = load_model(cfg.model, self.device, cfg.seed)
-        self.trainer = PretrainTrainer(cfg, base, load_tokenizer(cfg.model), self.site_roots, self.device)
+        self.trainer = PretrainTrainer(cfg, base, load_tokenizer(cfg.model), self.site_roots, self.device, warn)
 
     @property
     def num_train_cases(self) -> int:

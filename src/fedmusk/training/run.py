@@ -13,8 +13,9 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.text import Text
 
-from fedmusk.config import FedMuskConfig, to_yaml
+from fedmusk.config import ConfigError, FedMuskConfig, to_yaml
 from fedmusk.musk_model.lora import save_adapter
 from fedmusk.runtime import check_model_config
 from fedmusk.training.plots import plot_kaplan_meier, plot_roc, plot_round_curves
@@ -27,21 +28,54 @@ def selection_score(task: str, metrics: dict) -> float | None:
     return None if value is None else float(value)
 
 
+RUN_FILES = ("metrics.json", "adapter")  # what a finished run leaves: a folder holding them is not overwritten
+
+
+def check_run_folder(out_dir: Path, force: bool = False) -> None:
+    """Refuse (ConfigError) an output folder that is a file, or that holds an earlier run unless ``force``."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out {out_dir} is a file, not a folder; choose a folder for the run's results")
+    earlier = [name for name in RUN_FILES if (out_dir / name).exists()]
+    if earlier and not force:
+        raise ConfigError(f"{out_dir} already holds a run ({', '.join(earlier)}); choose another folder, or pass "
+                          "--force to replace it")  # fmt: skip
+
+
 def run_train(
-    cfg: FedMuskConfig, site_roots: Sequence[Path], out_dir: Path, console: Console | None = None
+    cfg: FedMuskConfig, site_roots: Sequence[Path], out_dir: Path, console: Console | None = None,
+    force: bool = False,
 ) -> dict:
-    """Train on ``site_roots`` pooled, keep the epoch with the best validation score, evaluate on the test cases."""
+    """Train on ``site_roots`` pooled, keep the epoch with the best validation score, evaluate on the test cases.
+
+    Without validation cases the adapter of the last epoch is kept; without test cases the adapter and the
+    training record are still written and ``test`` is None with the reason in ``test_note``. Cases without usable
+    slides are excluded (counted in ``excluded``). Raises ConfigError when ``out_dir`` holds an earlier run
+    (unless ``force``) or is a file.
+    """
     console = console or Console(stderr=True)
     check_model_config(cfg.model)
     out_dir = Path(out_dir)
+    check_run_folder(out_dir, force)
+    check_site_folders(site_roots)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.yaml").write_text(to_yaml(cfg))
     task = cfg.train.task
     start = time.perf_counter()
-    session = SiteSession(cfg, site_roots)
+    session = SiteSession(cfg, site_roots, warn=lambda message: console.print(Text(message, style="yellow")))
     sizes = {split: len(session.trainer.usable_cases(cases)) for split, cases in session.splits.items()}
     mode = "centralized" if len(site_roots) > 1 else "local"
-    console.print(f"{mode} {task} training on {len(site_roots)} site(s): {sizes}")
+    excluded = session.exclusion_counts
+    console.print(f"{mode} {task} training on {len(site_roots)} site(s): {sizes}; cases excluded: {excluded}")
+    if not sizes["train"]:
+        raise ConfigError("no training cases are left to train on (see the exclusions above, or the manifest's "
+                          "split column)")  # fmt: skip
+    if not sizes["val"]:
+        console.print(Text("no validation cases: model selection is off, the adapter of the last epoch is kept",
+                           style="yellow"))  # fmt: skip
+    test_note = None if sizes["test"] else "no test cases (no manifest row has split=test): nothing to test on"
+    if test_note:
+        console.print(Text(f"{test_note}; the adapter and the training record are still written", style="yellow"))
 
     from fedmusk.tracking import Tracker
 
@@ -65,11 +99,11 @@ def run_train(
         test_pred = session.trainer.predict(session.splits["test"])
         from fedmusk.training.outcome import metrics_for
 
-        test = metrics_for(test_pred, cfg, session.splits["train"])
+        test = metrics_for(test_pred, cfg, session.splits["train"]) if test_pred.cases else None
         per_site = {
             Path(root).name: metrics_for(_subset(test_pred, Path(root).name), cfg, session.splits["train"])
             for root in site_roots
-        }
+        } if test_pred.cases else {}  # fmt: skip
         plots = _plots(task, test_pred, history, out_dir)
         save_adapter(session.trainer.model, out_dir / "adapter")
         result = {
@@ -80,7 +114,9 @@ def run_train(
             "epochs": cfg.train.epochs,
             "best_epoch": best_epoch,
             "val_score": best_score,
+            "excluded": excluded,
             "test": test,
+            "test_note": test_note,
             "test_per_site": per_site,
             "history": history,
             "plots": [p.name for p in plots],
@@ -89,11 +125,36 @@ def run_train(
             "run_id": tracker.run_id,
         }
         (out_dir / "metrics.json").write_text(json.dumps(result, indent=2))
-        tracker.log_metrics({"test": {k: v for k, v in test.items() if isinstance(v, (int, float))}}, step=best_epoch)
+        if test is not None:
+            tracker.log_metrics({"test": {k: v for k, v in test.items() if isinstance(v, int | float)}},
+                                step=best_epoch)  # fmt: skip
         for path in [out_dir / "metrics.json", out_dir / "config.yaml", *plots]:
             tracker.log_artifact(path)
         tracker.log_dir(out_dir / "adapter", "adapter")
     return result
+
+
+def check_site_folders(site_roots: Sequence[Path]) -> None:
+    """ConfigError, before anything starts, for a site folder that does not exist or holds no manifest.csv, and
+    for a site given twice (it would be counted twice)."""
+    from fedmusk.data.manifest import MANIFEST_NAME
+
+    seen: dict[Path, Path] = {}
+    for root in site_roots:
+        root = Path(root)
+        if not root.is_dir():
+            raise ConfigError(f"site folder {root} does not exist (or is not a folder)")
+        if not (root / MANIFEST_NAME).is_file():
+            raise ConfigError(f"site folder {root} holds no {MANIFEST_NAME}")
+        real = root.resolve()
+        if real in seen:
+            raise ConfigError(f"site folder {root} is given twice (also as {seen[real]}); each site counts once")
+        seen[real] = root
+    names = [Path(r).resolve().name for r in site_roots]
+    twins = sorted({n for n in names if names.count(n) > 1})
+    if twins:
+        raise ConfigError(f"two site folders have the same name {twins[0]!r}; sites are named after their folders, "
+                          "so give each a distinct name")  # fmt: skip
 
 
 def _subset(pred, site: str):

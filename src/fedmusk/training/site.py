@@ -6,7 +6,9 @@ The session owns the model, the data and the optimizer; the outside world only m
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -15,16 +17,23 @@ from fedmusk.config import FedMuskConfig
 from fedmusk.data.prepare import TilingSettings
 from fedmusk.runtime import load_model, load_tokenizer, resolve_device, seed_everything
 from fedmusk.training.cohort import CaseRecord, load_site_cases, split_cases
-from fedmusk.training.features import FeatureStore
+from fedmusk.training.features import EXCLUSION_REASONS, FeatureStore
 from fedmusk.training.outcome import OutcomeTrainer
 
 StateDict = dict[str, torch.Tensor]
+log = logging.getLogger(__name__)
 
 
 class SiteSession:
     """Outcome training on the cases of ``site_roots`` (one hospital, or several pooled for a centralized baseline).
 
     ``progress`` is called with a short, identifier-free message while slides are being prepared.
+
+    A slide that cannot be read or yields no tissue tile is left out of its case; a case left without any usable
+    slide is excluded from training and evaluation (``excluded`` lists them with the reason, ``exclusion_counts``
+    counts them by reason). ``warn`` receives one message per such slide; it names the case and the slide, so it
+    is for the site's own console or log only (default: this module's logger). With ``train.fusion=report`` no
+    slide is read and no case is excluded.
     """
 
     def __init__(
@@ -33,6 +42,7 @@ class SiteSession:
         site_roots: Sequence[str | Path],
         device: str | torch.device | None = None,
         progress: Callable[[str], None] | None = None,
+        warn: Callable[[str], None] | None = None,
     ):
         self.cfg = cfg
         seed_everything(cfg.seed)
@@ -41,7 +51,6 @@ class SiteSession:
         cases: list[CaseRecord] = []
         for root in self.site_roots:
             cases += load_site_cases(root, cfg.seed, cfg.train.val_fraction, cfg.train.test_fraction)
-        self.splits = split_cases(cases)
         base = load_model(cfg.model, self.device, cfg.seed)
         features = None
         if cfg.train.fusion != "report":
@@ -50,7 +59,14 @@ class SiteSession:
             features = FeatureStore(embedder, TilingSettings.from_config(cfg.data), cfg.model.ms_aug, cfg.data.batch_size, progress)
             for case in cases:
                 features.ensure(case.site_root, case.slides)
+        cases, self.excluded = _drop_unusable(cases, features, warn or log.warning)
+        self.splits = split_cases(cases)
         self.trainer = OutcomeTrainer(cfg, base, load_tokenizer(cfg.model), features, self.device)
+
+    @property
+    def exclusion_counts(self) -> dict[str, int]:
+        """Excluded cases by reason (``no_tissue``, ``unreadable``), every reason present (0 when none)."""
+        return {reason: sum(r == reason for _, r in self.excluded) for reason in EXCLUSION_REASONS}
 
     @property
     def num_train_cases(self) -> int:
@@ -72,3 +88,23 @@ class SiteSession:
     def evaluate(self, split: str = "val") -> dict:
         """Metrics on ``split`` (IPCW weights from this session's training cases)."""
         return self.trainer.evaluate(self.splits[split], self.splits["train"])
+
+
+def _drop_unusable(cases: list[CaseRecord], features: FeatureStore | None, warn: Callable[[str], None]):
+    """The cases with their usable slides only, and the excluded cases with their reason. A case whose slides are
+    all unusable is excluded for the reason of its first slide."""
+    if features is None:  # report-only fusion reads no slide
+        return cases, []
+    kept, excluded = [], []
+    for case in cases:
+        problems = {s: features.unusable(case.site_root, s) for s in case.slides}
+        usable = [s for s in case.slides if problems[s] is None]
+        for slide, problem in problems.items():
+            if problem is not None:
+                what = "the case is excluded" if not usable else "the slide is left out; the case keeps its others"
+                warn(f"case {case.case_id}, slide {slide} ({case.site}): {problem[1]}; {what}")
+        if usable:
+            kept.append(case if len(usable) == len(case.slides) else replace(case, slides=usable))
+        else:
+            excluded.append((case, problems[case.slides[0]][0]))
+    return kept, excluded
