@@ -79,7 +79,46 @@ def run_simulation_from_config(
     seconds = time.monotonic() - started
     summary = summarize(cfg, roots, out, run_config, seconds, out / ADAPTER_DIR)
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1, default=_json_default) + "\n")
+    summary["registered_model"] = record_result(cfg, roots, out, summary)
+    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1, default=_json_default) + "\n")
     return summary
+
+
+def record_result(cfg: FedMuskConfig, roots: list[Path], out: Path, summary: dict[str, Any]) -> str | None:
+    """Add to the federation's MLflow run what only this driver knows: the final test (pooled and per site, the
+    numbers the console prints), the sites as dataset inputs, ``summary.json``; register the final adapter as an
+    MLflow model with its lineage. Returns ``models:/NAME/VERSION``."""
+    from fedmusk.tracking import Tracker
+    from fedmusk.training.bundle import MODEL_FILE, model_card
+    from fedmusk.training.cohort import load_site_cases, split_cases
+    from fedmusk.training.run import site_datasets
+
+    splits: dict[str, list] = {"train": [], "val": [], "test": []}
+    for root in roots:
+        for split, cases in split_cases(
+            load_site_cases(root, cfg.seed, cfg.train.val_fraction, cfg.train.test_fraction)
+        ).items():
+            splits[split] += cases
+    adapter = Path(summary["adapter"])
+    meta = json.loads((adapter / MODEL_FILE).read_text())
+    lineage = meta["lineage"]
+    tags = {
+        "fedmusk.federation_id": summary["federation_id"], "fedmusk.strategy": summary["strategy"],
+        "fedmusk.rounds": summary["rounds_completed"], "fedmusk.sites": ",".join(summary["sites"]),
+        "fedmusk.secure_aggregation": summary["secure_aggregation"], "fedmusk.config_hash": meta["config_hash"],
+        "fedmusk.base_fingerprint": meta.get("base_fingerprint") or "unknown", "fedmusk.task": cfg.train.task,
+    }  # fmt: skip
+    if lineage.get("dp_epsilon") is not None:
+        tags.update({"fedmusk.dp_epsilon": lineage["dp_epsilon"], "fedmusk.dp_delta": lineage["dp_delta"]})
+    tracker = Tracker(out, uri=summary["tracking_uri"], run_id=summary["run_id"], announce=False)
+    with tracker:
+        tracker.set_tags({k: v for k, v in tags.items() if k != "fedmusk.base_fingerprint"})
+        tracker.log_final_test(summary["test"]["pooled"], summary["test"]["per_site"], step=summary["rounds_completed"])
+        tracker.log_site_datasets(site_datasets(roots, splits))
+        tracker.log_artifact(out / SUMMARY_FILE)
+        name = f"{cfg.tracking.experiment}-{cfg.train.task}"
+        version = tracker.register_model(adapter, name, tags, model_card(meta))
+    return f"models:/{name}/{version}"
 
 
 def simulation_backend(cfg: FedMuskConfig, n_sites: int) -> dict[str, Any]:

@@ -152,16 +152,22 @@ def outcome_start_state(cfg: FedMuskConfig, pretrained: StateDict) -> StateDict:
     return carry_lora(pretrained, initial_adapter_state(cfg, OUTCOME))
 
 
-def save_global_adapter(cfg: FedMuskConfig, global_state: StateDict, out_dir: str | os.PathLike) -> Path:
-    """Write ``global_state`` in peft's format (``fedmusk.musk_model.lora.save_adapter``) and return the folder.
+def save_global_adapter(
+    cfg: FedMuskConfig, global_state: StateDict, out_dir: str | os.PathLike, lineage=None
+) -> Path:
+    """Write ``global_state`` in peft's format (``fedmusk.musk_model.lora.save_adapter``) with the model's
+    configuration, fingerprints and model card (``fedmusk.training.bundle``), and return the folder.
 
     Under FedSA this is the shared part (A factors) with the initial B and heads: each site's personalised B and
     heads stay at the site."""
     from fedmusk.musk_model.lora import save_adapter
+    from fedmusk.training.bundle import Lineage, reference_base_and_tokenizer, save_bundle
 
     trainer = adapter_trainer(cfg)
     trainer.load_adapter_state(global_state)
-    return save_adapter(trainer.model, out_dir)
+    out = save_adapter(trainer.model, out_dir)
+    base, tokenizer = reference_base_and_tokenizer(cfg)
+    return save_bundle(out, cfg, lineage or Lineage(arm="federated"), base, tokenizer)
 
 
 # --- one round's record ----------------------------------------------------------------------------------------
@@ -285,8 +291,9 @@ class RoundController:
         self.tracker = tracker_factory(
             self.out_dir, uri=cfg.tracking.uri, experiment=cfg.tracking.experiment,
             run_name=f"federation-{self.federation_id}", run_id=run_id, announce=False,
+            parent_run_id=cfg.tracking.parent_run_id, tags={"fedmusk.arm": "federated"},
         )  # fmt: skip
-        self.tracker.log_config(cfg)
+        self.tracker.log_config(cfg, arm="federated")
         self.tracker.set_tags({
             "fedmusk.federation_id": self.federation_id, "fedmusk.strategy": self.fed.strategy,
             "fedmusk.secure_aggregation": self.fed.secure_aggregation,
@@ -487,7 +494,9 @@ class RoundController:
             name: {**m, **({"train_loss": record.train_loss[name]} if name in record.train_loss else {})}
             for name, m in record.per_site.items()
         }
-        self.tracker.log_round(round, aggregated, per_site, record.bytes_up, record.bytes_down, record.seconds)
+        self.tracker.log_round(
+            round, aggregated, per_site, record.bytes_up, record.bytes_down, record.seconds, phase=record.phase
+        )
         self._write_rounds()
         save_round(
             self.checkpoint_dir, round, self.global_state,
@@ -523,6 +532,18 @@ class RoundController:
             self.tracker.log_artifact(path)
         self.tracker.log_dir(adapter_dir, "adapter")
         return plots
+
+    def lineage(self):
+        """Where the global adapter comes from, for its model card and registry tags (no paths, no case ids)."""
+        from fedmusk.training.bundle import Lineage
+
+        sites = sorted({name for r in self.history for name in (*r.per_site, *r.train_loss)})
+        eps = [r.dp_epsilon for r in self.history if r.dp_epsilon is not None]
+        return Lineage(
+            arm="federated", sites=sites, federation_id=self.federation_id, rounds=self.completed_round,
+            strategy=self.fed.strategy, secure_aggregation=self.fed.secure_aggregation,
+            dp_epsilon=eps[-1] if eps else None, dp_delta=self.fed.dp_delta if eps else None,
+        )  # fmt: skip
 
     def close(self, failed: bool = False) -> None:
         """End the MLflow run: FINISHED, or FAILED after an error."""
