@@ -291,7 +291,10 @@ class RoundController:
         self.tracker = tracker_factory(
             self.out_dir, uri=cfg.tracking.uri, experiment=cfg.tracking.experiment,
             run_name=f"federation-{self.federation_id}", run_id=run_id, announce=False,
-            parent_run_id=cfg.tracking.parent_run_id, tags={"fedmusk.arm": "federated"},
+            parent_run_id=cfg.tracking.parent_run_id, tags={"fedmusk.arm": "federated", "mlflow.note.content": (
+                f"{self.fed.strategy} federation, secure aggregation {'on' if self.fed.secure_aggregation else 'off'}"
+                f", {self.fed.pretrain_rounds} pretraining + {self.fed.rounds} outcome rounds, last round tested"
+            )},
         )  # fmt: skip
         self.tracker.log_config(cfg, arm="federated")
         self.tracker.set_tags({

@@ -50,10 +50,12 @@ def run_train(
     best_score, best_epoch = None, 0
     sites = [Path(s).name for s in site_roots]
     run_name = f"local-{sites[0]}" if mode == "local" else mode
-    tags = {"fedmusk.arm": mode, "fedmusk.sites": ",".join(sites), "fedmusk.task": task}
+    what = "all sites pooled" if mode == "centralized" else f"{sites[0]} alone"
+    tags = {"fedmusk.arm": mode, "fedmusk.sites": ",".join(sites), "fedmusk.task": task,
+            "mlflow.note.content": f"{mode} baseline ({task}): {what}, {cfg.train.epochs} epochs, last epoch tested"}
     with Tracker(
         out_dir, uri=cfg.tracking.uri, experiment=cfg.tracking.experiment, run_name=run_name,
-        parent_run_id=cfg.tracking.parent_run_id, tags=tags,
+        parent_run_id=cfg.tracking.parent_run_id, tags=tags, announce=cfg.tracking.parent_run_id is None,
     ) as tracker:  # fmt: skip
         tracker.log_config(cfg, arm=mode)
         tracker.log_site_datasets(site_datasets(site_roots, session.splits))
