@@ -217,14 +217,15 @@ def simulate(
 
     cfg = _run(_load, [config], _with_tracking(overrides, tracking_uri, experiment))
     try:
-        summary = _run(run_simulation_from_config, cfg, site, out, resume)
+        summary = _run(run_simulation_from_config, cfg, site, out, resume, console)
     except RoundFailed as err:
         _fail(f"the federation stopped: {err}", code=1)
     pooled = summary["test"]["pooled"]
     console.print(
         f"{summary['rounds_completed']} rounds, {summary['strategy']}, secure aggregation "
         f"{'on' if summary['secure_aggregation'] else 'off'}; test C-index {_num(pooled.get('c_index'))}, "
-        f"AUROC {_num(pooled.get('auc'))}; summary in {out / 'summary.json'}"
+        f"AUROC {_num(pooled.get('auc'))}; summary in {out / 'summary.json'}; registered model "
+        f"{summary.get('registered_model')}"
     )
 
 

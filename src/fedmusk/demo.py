@@ -66,7 +66,7 @@ def run_demo(cfg: FedMuskConfig, console: Console, workdir: Path = Path("runs/de
     with study:
         console.rule(f"federation of {len(sites)} hospitals, {cfg.federation.strategy}, "
                      f"{'SecAgg+' if cfg.federation.secure_aggregation else 'plain'} aggregation")
-        federated = run_simulation_from_config(arm_cfg, sites, runs / "federated")
+        federated = run_simulation_from_config(arm_cfg, sites, runs / "federated", console=console)
         console.rule("baselines: all hospitals pooled, then each hospital alone")
         pooled = run_train(arm_cfg, sites, runs / "centralized", console)
         alone = {site.name: run_train(arm_cfg, [site], runs / f"local-{site.name}", console) for site in sites}

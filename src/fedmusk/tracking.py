@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import numbers
 import os
 import re
@@ -155,7 +156,8 @@ class Tracker:
         return self.log_metrics(
             {
                 prefix: {
-                    "site_mean": aggregated, "site": per_site, "bytes_up": bytes_up, "bytes_down": bytes_down,
+                    "site_mean": _results_only(aggregated),
+                    "site": {name: _results_only(m) for name, m in per_site.items()}, "bytes_up": bytes_up, "bytes_down": bytes_down,
                     "seconds": seconds,
                 }
             },
@@ -170,6 +172,9 @@ class Tracker:
             ci = pooled.get(f"{key}_ci")
             if ci and None not in ci:
                 self._client.set_tag(self.run_id, f"test/{key}_ci", f"{ci[0]:.4f} to {ci[1]:.4f}")
+            reason = (pooled.get("reasons") or {}).get(key)
+            if reason:
+                self._client.set_tag(self.run_id, f"test/{key}_undefined", _param_value(reason))
         return self.log_metrics(metrics, step=step)
 
     def log_site_datasets(self, sites: Mapping[str, Mapping[str, Any]], context: str = "training") -> None:
@@ -288,8 +293,19 @@ def applies_to(key: str, arm: str, tree: Mapping[str, Any]) -> bool:
     return True
 
 
+def _results_only(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """Metrics without confidence limits and bootstrap settings: a CI is not a series of its own."""
+    return {k: v for k, v in metrics.items() if not str(k).endswith(_NOT_SERIES)}
+
+
+_NOT_SERIES = ("_lo", "_hi", "alpha", "n_boot", "_tau")
+
+
 def _test_numbers(metrics: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: metrics[k] for k in TEST_METRICS if k in metrics}
+    """The final-test numbers; a metric the test cases do not define (``reasons`` says why: too few cases, one
+    class) is NaN, so every arm still has the same names side by side."""
+    reasons = metrics.get("reasons") or {}
+    return {k: (math.nan if metrics.get(k) is None and k in reasons else metrics[k]) for k in TEST_METRICS if k in metrics}
 
 
 def download_model(uri: str, dst: str | os.PathLike, tracking_uri: str | None = None) -> str:

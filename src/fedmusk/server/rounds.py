@@ -20,6 +20,7 @@ LoRA tensors are carried into it (``carry_lora``); the server optimiser starts a
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
@@ -195,6 +196,25 @@ class RoundRecord:
 
 
 COUNT_METRICS = ("n", "n_events", "n_positive")  # summed over sites; the other metrics are averaged
+# One INFO line per finished round (``round_line``); simulations and the demo print it, nothing else does by default.
+ROUND_LOG = logging.getLogger("fedmusk.rounds")
+
+
+def round_line(record: RoundRecord, total_rounds: int) -> str:
+    """One line per round for a console: phase, replies, the validation metric, traffic and time."""
+    agg = record.aggregated
+    if record.phase == PRETRAIN:
+        metric = f"val loss {agg['val_loss']:.3f}" if "val_loss" in agg else "val n/a"
+    elif "val_c_index" in agg:
+        metric = f"val C-index {agg['val_c_index']:.3f}"
+    elif "val_auc" in agg:
+        metric = f"val AUROC {agg['val_auc']:.3f}"
+    else:
+        metric = "val n/a"
+    return (
+        f"round {record.round}/{total_rounds} {record.phase}: {record.replies}/{record.sampled} replies, {metric} "
+        f"(site mean), {record.bytes_up / 1e6:.2f} MB up, {record.bytes_down / 1e6:.2f} MB down, {record.seconds:.1f} s"
+    )
 
 
 def weighted_site_mean(per_site: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
@@ -501,6 +521,7 @@ class RoundController:
             round, aggregated, per_site, record.bytes_up, record.bytes_down, record.seconds, phase=record.phase
         )
         self._write_rounds()
+        ROUND_LOG.info(round_line(record, self.total_rounds))
         save_round(
             self.checkpoint_dir, round, self.global_state,
             strategy_state={
