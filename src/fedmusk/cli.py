@@ -225,7 +225,7 @@ def simulate(
         f"{summary['rounds_completed']} rounds, {summary['strategy']}, secure aggregation "
         f"{'on' if summary['secure_aggregation'] else 'off'}; test C-index {_num(pooled.get('c_index'))}, "
         f"AUROC {_num(pooled.get('auc'))}; summary in {out / 'summary.json'}; registered model "
-        f"{summary.get('registered_model')}"
+        f"{summary.get('registered_model')}; open MLflow with: mlflow ui --backend-store-uri {summary['tracking_uri']}"
     )
 
 

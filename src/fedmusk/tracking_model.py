@@ -22,6 +22,8 @@ INPUT_COLUMNS = ("site_root", "split")
 class FedmuskModel(mlflow.pyfunc.PythonModel):
     """The pyfunc wrapper: loads the fedmusk model from the artifact ``model`` once, scores site folders."""
 
+    _skip_type_hint_validation = True  # the explicit signature (signature_for) types the input, not type hints
+
     def load_context(self, context) -> None:
         from fedmusk.training.bundle import open_bundle
         from fedmusk.training.predict import Predictor
