@@ -85,7 +85,8 @@ def test_demo_store_holds_one_experiment_with_the_study_and_every_arm_as_its_chi
     found = client.search_runs([experiments[0].experiment_id])
     (study,) = [r for r in found if r.data.tags.get("fedmusk.arm") == "study"]
     children = [r for r in found if r is not study]
-    assert sorted(r.data.tags["fedmusk.arm"] for r in children) == ["centralized", "federated", "local", "local", "local"]
+    arms = sorted(r.data.tags["fedmusk.arm"] for r in children)
+    assert arms == ["centralized", "federated", "local", "local", "local"]
     assert all(r.data.tags.get("mlflow.parentRunId") == study.info.run_id for r in children)
     assert sorted(r.info.run_name for r in children if r.data.tags["fedmusk.arm"] == "local") == [
         "local-site-1", "local-site-2", "local-site-3",

@@ -65,7 +65,8 @@ def test_a_study_on_an_mlflow_server_nests_arms_and_serves_the_registered_model(
     from fedmusk.training.bundle import Lineage
     from fedmusk.training.predict import run_predict
 
-    cfg = load_config(["configs/demo.yaml"], ["train.fusion=report", f"tracking.uri={server}", "tracking.experiment=study"])
+    overrides = ["train.fusion=report", f"tracking.uri={server}", "tracking.experiment=study"]
+    cfg = load_config(["configs/demo.yaml"], overrides)
     adapter = save_global_adapter(cfg, initial_adapter_state(cfg), tmp_path / "adapter", Lineage("federated", ["a"]))
     with Tracker(tmp_path / "study", uri=server, experiment="study", run_name="study", announce=False) as study:
         for arm in ("federated", "centralized"):

@@ -356,7 +356,9 @@ def evaluate(
         list[str] | None, typer.Option("--against", help="Another model to compare on the same cases; repeat.")
     ] = None,
     split: Split = "all",
-    out: Annotated[Path | None, typer.Option("--out", help="Report folder [SITE/fedmusk-results/evaluate-...].")] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Report folder [SITE/fedmusk-results/evaluate-...].")
+    ] = None,
     sets: Sets = None,
     reprepare: Reprepare = False,
 ) -> None:
@@ -364,11 +366,14 @@ def evaluate(
     group with the log-rank test, calibration, paired comparisons; a report (markdown + PNGs) inside the site."""
     from fedmusk.training.evaluate import HEADLINE, run_evaluate
 
-    report = _run(run_evaluate, site_root, model, list(against or []), list(sets or []), split, out, reprepare, err_console)
+    report = _run(
+        run_evaluate, site_root, model, list(against or []), list(sets or []), split, out, reprepare, err_console
+    )  # fmt: skip
     key, label = HEADLINE[report["task"]]
     ci = report["metrics"].get(f"{key}_ci")
     ci_text = f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci and None not in ci else ""
-    console.print(f"{label} {_num(report['metrics'].get(key))}{ci_text} on {report['n']} cases; report in {report['report']}")
+    value = _num(report["metrics"].get(key))
+    console.print(f"{label} {value}{ci_text} on {report['n']} cases; report in {report['report']}")
 
 
 def _num(value) -> str:

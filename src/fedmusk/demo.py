@@ -17,6 +17,7 @@ from fedmusk.config import FedMuskConfig, to_yaml
 from fedmusk.musk_model.zeroshot import image_text_similarity
 from fedmusk.runtime import check_model_config, load_model, load_tokenizer, resolve_device, seed_everything
 
+
 def read_image(path: Path) -> Image.Image:
     try:
         return Image.open(path).convert("RGB")

@@ -47,7 +47,6 @@ FLOWER_LOG = "flower.log"
 def flower_output_to(log_file: Path, console=None):
     """Flower's log, Ray's messages and Python warnings go to ``log_file``; fedmusk's round lines go to
     ``console`` (a rich Console) when given. Everything is put back afterwards."""
-    import sys
     import warnings
 
     from rich.console import Console

@@ -157,14 +157,17 @@ class Tracker:
             {
                 prefix: {
                     "site_mean": _results_only(aggregated),
-                    "site": {name: _results_only(m) for name, m in per_site.items()}, "bytes_up": bytes_up, "bytes_down": bytes_down,
+                    "site": {name: _results_only(m) for name, m in per_site.items()},
+                    "bytes_up": bytes_up, "bytes_down": bytes_down,
                     "seconds": seconds,
                 }
             },
             step=round,
         )  # fmt: skip
 
-    def log_final_test(self, pooled: Mapping[str, Any], per_site: Mapping[str, Mapping[str, Any]], step: int = 0) -> int:
+    def log_final_test(
+        self, pooled: Mapping[str, Any], per_site: Mapping[str, Mapping[str, Any]], step: int = 0
+    ) -> int:
         """The arm's final test: ``test/<metric>`` over all its test cases pooled, ``test_site/<site>/<metric>``
         per site, each CI as the tag ``test/<metric>_ci`` ("low to high"). Returns how many metrics were logged."""
         metrics = {"test": _test_numbers(pooled), "test_site": {s: _test_numbers(m) for s, m in per_site.items()}}
@@ -271,7 +274,7 @@ def _git_commit() -> str | None:
 
     here = Path(__file__).resolve().parent
     try:
-        out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
@@ -305,7 +308,9 @@ def _test_numbers(metrics: Mapping[str, Any]) -> dict[str, Any]:
     """The final-test numbers; a metric the test cases do not define (``reasons`` says why: too few cases, one
     class) is NaN, so every arm still has the same names side by side."""
     reasons = metrics.get("reasons") or {}
-    return {k: (math.nan if metrics.get(k) is None and k in reasons else metrics[k]) for k in TEST_METRICS if k in metrics}
+    return {
+        k: (math.nan if metrics.get(k) is None and k in reasons else metrics[k]) for k in TEST_METRICS if k in metrics
+    }
 
 
 def download_model(uri: str, dst: str | os.PathLike, tracking_uri: str | None = None) -> str:

@@ -99,7 +99,9 @@ def save_bundle(adapter_dir: str | Path, cfg: FedMuskConfig, lineage: Lineage, b
         "base_fingerprint": prints["base"],
         "features_fingerprint": prints["features"],
         "tokenizer_fingerprint": None if tokenizer is None else tokenizer_fingerprint(tokenizer),
-        "tiling": {"target_mpp": cfg.data.target_mpp, "tile_size": cfg.data.tile_size, "min_tissue": cfg.data.min_tissue},
+        "tiling": {
+            "target_mpp": cfg.data.target_mpp, "tile_size": cfg.data.tile_size, "min_tissue": cfg.data.min_tissue,
+        },
         "config_hash": config_hash(cfg),
         "adapter_sha256": file_sha256(out / ADAPTER_FILE),
         "lineage": lineage.__dict__,

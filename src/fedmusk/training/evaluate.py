@@ -111,7 +111,9 @@ def paired_difference(main: ModelResult, other: ModelResult, index: int) -> dict
         def diff(y, a, b):
             return auroc(y, a) - auroc(y, b)
 
-    out: dict[str, Any] = {"against": index, "metric": label, "model": main.metrics.get(key), "other": other.metrics.get(key)}
+    out: dict[str, Any] = {
+        "against": index, "metric": label, "model": main.metrics.get(key), "other": other.metrics.get(key),
+    }  # fmt: skip
     try:
         ci = bootstrap_ci(diff, *arrays, n_boot=cfg.train.bootstrap, seed=cfg.seed)
     except UndefinedMetricError as err:
@@ -219,7 +221,9 @@ def markdown_report(report: dict[str, Any], against: list[str]) -> str:
                      + (f" ({reason})" if reason else "") + " |")
     if task == "survival":
         lr = report.get("logrank", {})
-        text = f"p = {lr['p_value']:.4g} (chi2 = {lr['statistic']:.3g}, df {lr['df']})" if "p_value" in lr else lr.get("reason", "n/a")
+        text = lr.get("reason", "n/a")
+        if "p_value" in lr:
+            text = f"p = {lr['p_value']:.4g} (chi2 = {lr['statistic']:.3g}, df {lr['df']})"
         lines += ["", f"Log-rank test, high vs low predicted risk (split at the median): {text}."]
     cal = report.get("calibration", {})
     if "reason" in cal:

@@ -48,7 +48,8 @@ class Predictor:
         self.fingerprints = base_fingerprints(cfg, base)
         _same("base MUSK", bundle.meta.get("base_fingerprint"), self.fingerprints["base"], "model.weights")
         tokenizer = load_tokenizer(cfg.model)
-        _same("tokenizer", bundle.meta.get("tokenizer_fingerprint"), tokenizer_fingerprint(tokenizer), "model.tokenizer")
+        here = tokenizer_fingerprint(tokenizer)
+        _same("tokenizer", bundle.meta.get("tokenizer_fingerprint"), here, "model.tokenizer")
         self.features = None
         if cfg.train.fusion != "report":
             embedder = base if cfg.train.features == "cached" else None
