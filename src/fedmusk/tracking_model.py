@@ -66,8 +66,13 @@ def signature_for(adapter_dir: str | Path):
 
 def save_pyfunc(adapter_dir: str | Path, path: str | Path) -> Path:
     """Write the pyfunc model for the fedmusk model in ``adapter_dir`` to ``path`` (a new folder)."""
+    import logging
+
     import fedmusk
 
+    # MLflow warns that a python_model object is cloudpickled; the pickle holds only this class (the model itself
+    # is the artifact folder), and the console is for the federation.
+    logging.getLogger("mlflow.pyfunc").setLevel(logging.ERROR)
     mlflow.pyfunc.save_model(
         str(path),
         python_model=FedmuskModel(),
