@@ -148,3 +148,13 @@ def test_the_registered_model_loads_with_pyfunc_and_predicts_what_fedmusk_predic
     assert list(scores["case_id"]) == [r["case_id"] for r in expected]
     assert scores["risk_score"].to_numpy() == pytest.approx([float(r["risk_score"]) for r in expected], rel=1e-5)
     assert list(scores["risk_group"]) == [r["risk_group"] for r in expected]
+
+
+def test_predict_refuses_a_site_cache_made_with_another_tiling_than_the_models(demo, tmp_path):
+    _, runs = demo
+    site = runs.parent / "cohort" / "site-1"
+    args = ["predict", str(site), "--model", str(runs / "federated"), "--out", str(tmp_path / "x.csv")]
+    result = runner.invoke(app, [*args, "--set", "data.tile_size=64"])
+    assert result.exit_code == 2
+    assert "made with another tiling" in result.output and "--reprepare" in result.output
+    assert not (tmp_path / "x.csv").exists()
