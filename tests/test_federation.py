@@ -162,12 +162,14 @@ def test_secure_federation_completes_and_records_every_round(secure_run, cohort)
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=summary["tracking_uri"])
-    assert [m.step for m in client.get_metric_history(summary["run_id"], "comm/bytes_up")] == [1, 2]
+    assert [m.step for m in client.get_metric_history(summary["run_id"], "round/bytes_up")] == [1, 2]
     logged = client.get_run(summary["run_id"]).data.metrics
-    assert any(key.startswith(f"site/{names[0]}/") for key in logged)
+    assert any(key.startswith(f"round/site/{names[0]}/") for key in logged)
+    pooled = summary["test"]["pooled"].get("c_index")
+    assert logged["test/c_index"] == pytest.approx(float("nan") if pooled is None else pooled, nan_ok=True)
     assert client.get_run(summary["run_id"]).info.status == "FINISHED"
     artifacts = {a.path for a in client.list_artifacts(summary["run_id"])}
-    assert {"adapter", "rounds.json", "rounds_train_loss.png"} <= artifacts, artifacts
+    assert {"adapter", "rounds.json", "rounds_train_loss.png", "summary.json", "model"} <= artifacts, artifacts
 
 
 def test_secure_aggregate_equals_plain_aggregate_within_quantisation_error(secure_run, cohort, tmp_path):
@@ -273,13 +275,13 @@ class FakeTracker:
     def __init__(self, out_dir, **kwargs):
         self.run_id, self.tracking_uri, self.rounds = kwargs.get("run_id") or "run-1", "memory://", []
 
-    def log_config(self, cfg):
+    def log_config(self, cfg, arm=None):
         return []
 
     def set_tags(self, tags):
         pass
 
-    def log_round(self, round, *args):
+    def log_round(self, round, *args, **kwargs):
         self.rounds.append(round)
 
     def finish(self, status="FINISHED"):

@@ -76,16 +76,16 @@ def test_tracker_run_holds_the_config_as_params_and_metrics_per_round(store):
     assert run.data.params["federation.rounds"] == "7" and run.data.params["train.lora.rank"] == "8"
     assert run.data.params["tracking.uri"] == "None"
     assert set(run.data.metrics) == {
-        "global/val/c_index",
-        "site/Hospital A/loss",
-        "site/Hospital B/loss",
-        "comm/bytes_up",
-        "comm/bytes_down",
-        "time/round_seconds",
+        "round/site_mean/val/c_index",
+        "round/site/Hospital A/loss",
+        "round/site/Hospital B/loss",
+        "round/bytes_up",
+        "round/bytes_down",
+        "round/seconds",
     }
-    history = client_for(out_dir).get_metric_history(tracker.run_id, "site/Hospital B/loss")
+    history = client_for(out_dir).get_metric_history(tracker.run_id, "round/site/Hospital B/loss")
     assert sorted((m.step, m.value) for m in history) == [(1, 2.0), (2, 1.0)]
-    assert tracker.metric_history("comm/bytes_up") == [(1, 1000.0), (2, 2000.0)]
+    assert tracker.metric_history("round/bytes_up") == [(1, 1000.0), (2, 2000.0)]
 
 
 def test_tracker_truncates_params_over_mlflows_limit(store):

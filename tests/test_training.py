@@ -81,7 +81,9 @@ def test_train_command_writes_metrics_plots_adapter_and_mlflow_run(small_cohort,
     import mlflow
 
     run = mlflow.MlflowClient(metrics["tracking_uri"]).get_run(metrics["run_id"])
-    assert "train/loss" in run.data.metrics
+    assert "epoch/train_loss" in run.data.metrics
+    assert run.data.metrics["test/c_index"] == pytest.approx(metrics["test"]["c_index"])
+    assert (out / "adapter" / "README.md").read_text().startswith("# fedmusk outcome model"), "a filled model card"
 
 
 def test_bad_site_is_a_one_line_error(tmp_path):

@@ -40,9 +40,12 @@ def _user_errors():
     from fedmusk.musk_model.weights import WeightsMismatchError
     from fedmusk.server.coordinator import CoordinatorError
 
+    from fedmusk.training.bundle import ModelMismatchError
+
     errors: tuple[type[BaseException], ...] = (
         ConfigError, WeightsMismatchError, FileNotFoundError, CertError, CoordinatorError, DaemonError,
         PermissionError,
+        ModelMismatchError,
     )  # fmt: skip
     try:
         from fedmusk.data.errors import SiteDataError
@@ -84,15 +87,27 @@ def demo(
     workdir: Annotated[
         Path, typer.Option(help="Where the cohort (made once) and each run's results go.")
     ] = Path("runs/demo"),
+    tracking_uri: TrackingUri = None,
+    experiment: Experiment = None,
 ) -> None:
     """Run the federated story on the embedded default: 3 synthetic hospitals, tiny MUSK, SecAgg+, baselines."""
     from fedmusk.demo import run_demo
 
-    cfg = _run(_load, config or [_default_config("demo.yaml")], overrides)
+    cfg = _run(_load, config or [_default_config("demo.yaml")], _with_tracking(overrides, tracking_uri, experiment))
     _run(run_demo, cfg, console, workdir)
 
 
 SiteRoots = Annotated[list[Path], typer.Option("--site", help="A site folder holding manifest.csv; repeat for several.")]
+TrackingUri = Annotated[
+    str | None, typer.Option("--tracking-uri", help="MLflow store or server (tracking.uri) [a store in the run folder].")
+]
+Experiment = Annotated[str | None, typer.Option("--experiment", help="MLflow experiment name (tracking.experiment).")]
+
+
+def _with_tracking(overrides: list[str] | None, uri: str | None, experiment: str | None) -> list[str]:
+    """``--tracking-uri`` and ``--experiment`` as the configuration overrides they stand for."""
+    extra = ([f"tracking.uri={uri}"] if uri else []) + ([f"tracking.experiment={experiment}"] if experiment else [])
+    return [*(overrides or []), *extra]
 
 
 @app.command()
@@ -137,11 +152,13 @@ def train(
     out: Annotated[Path, typer.Option("--out", help="Output folder for metrics.json, plots, adapter, MLflow store.")],
     overrides: Overrides = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an earlier run in --out.")] = False,
+    tracking_uri: TrackingUri = None,
+    experiment: Experiment = None,
 ) -> None:
     """Train on one site (local baseline) or several pooled (centralized baseline); write metrics and plots."""
     from fedmusk.training.run import run_train
 
-    cfg = _run(_load, [config], overrides)
+    cfg = _run(_load, [config], _with_tracking(overrides, tracking_uri, experiment))
     result = _run(run_train, cfg, site, out, err_console, force)
     test = result["test"]
     if test is None:
@@ -206,21 +223,24 @@ def simulate(
     out: Annotated[Path, typer.Option("--out", help="Output folder: summary.json, checkpoints, MLflow store, adapter.")],
     overrides: Overrides = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the last completed round in --out.")] = False,
+    tracking_uri: TrackingUri = None,
+    experiment: Experiment = None,
 ) -> None:
     """Run a federation on this machine: one simulated hospital per site folder, Flower's simulation engine."""
     from fedmusk.federation import run_simulation_from_config
     from fedmusk.server.rounds import RoundFailed
 
-    cfg = _run(_load, [config], overrides)
+    cfg = _run(_load, [config], _with_tracking(overrides, tracking_uri, experiment))
     try:
-        summary = _run(run_simulation_from_config, cfg, site, out, resume)
+        summary = _run(run_simulation_from_config, cfg, site, out, resume, console)
     except RoundFailed as err:
         _fail(f"the federation stopped: {err}", code=1)
     pooled = summary["test"]["pooled"]
     console.print(
         f"{summary['rounds_completed']} rounds, {summary['strategy']}, secure aggregation "
         f"{'on' if summary['secure_aggregation'] else 'off'}; test C-index {_num(pooled.get('c_index'))}, "
-        f"AUROC {_num(pooled.get('auc'))}; summary in {out / 'summary.json'}"
+        f"AUROC {_num(pooled.get('auc'))}; summary in {out / 'summary.json'}; registered model "
+        f"{summary.get('registered_model')}; open MLflow with: mlflow ui --backend-store-uri {summary['tracking_uri']}"
     )
 
 
@@ -246,12 +266,14 @@ def server(
     dev_insecure: Annotated[
         bool, typer.Option("--dev-insecure", help="Development only: no TLS, no node authentication, loopback only.")
     ] = False,
+    tracking_uri: TrackingUri = None,
+    experiment: Experiment = None,
 ) -> None:
     """Coordinator: start a SuperLink (TLS, site authentication), run the federation, show its rounds."""
     from fedmusk.server.coordinator import CoordinatorSettings, RoundFailed, run_coordinator
 
     settings = CoordinatorSettings(
-        [config], list(overrides or []), certs=certs, state=state, out=out, host=host, port=port, resume=resume,
+        [config], _with_tracking(overrides, tracking_uri, experiment), certs=certs, state=state, out=out, host=host, port=port, resume=resume,
         insecure=dev_insecure,
     )  # fmt: skip
     try:
@@ -311,6 +333,70 @@ def client(
         quick=quick, registration_wait_s=registration_wait, insecure=dev_insecure, settings=settings_file,
     )  # fmt: skip
     raise typer.Exit(_run(run_daemon, settings, console))
+
+
+SiteArg = Annotated[Path, typer.Argument(help="The site folder holding manifest.csv.")]
+ModelOpt = Annotated[
+    str, typer.Option("--model", "-m", help="An adapter folder, a run's output folder, or models:/NAME/VERSION.")
+]
+Sets = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="This site's settings for the model, e.g. model.weights=PATH; repeat for several."),
+]
+Split = Annotated[str, typer.Option("--split", help="Cases to use: all, or the model's train/val/test split.")]
+Reprepare = Annotated[
+    bool, typer.Option("--reprepare", help="Embed slides again when the site's cache was made for another model.")
+]
+
+
+@app.command()
+def predict(
+    site_root: SiteArg,
+    model: ModelOpt,
+    split: Split = "all",
+    manifest: Annotated[
+        Path | None, typer.Option("--manifest", help="A CSV of new cases (case_id, slide, report; no outcomes).")
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="CSV to write [SITE/fedmusk-results/predict-...].")] = None,
+    sets: Sets = None,
+    reprepare: Reprepare = False,
+) -> None:
+    """Apply a trained model to this site's cases: risk score (or response probability) and risk group per case,
+    written inside the site. Nothing leaves the site."""
+    from fedmusk.training.predict import run_predict
+
+    path, table = _run(
+        run_predict, site_root, model, list(sets or []), split, manifest, out, reprepare, err_console
+    )  # fmt: skip
+    console.print(f"{len(table.rows)} cases scored; predictions in {path}")
+
+
+@app.command()
+def evaluate(
+    site_root: SiteArg,
+    model: ModelOpt,
+    against: Annotated[
+        list[str] | None, typer.Option("--against", help="Another model to compare on the same cases; repeat.")
+    ] = None,
+    split: Split = "all",
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Report folder [SITE/fedmusk-results/evaluate-...].")
+    ] = None,
+    sets: Sets = None,
+    reprepare: Reprepare = False,
+) -> None:
+    """External validation on this site's cases with outcomes: metrics with bootstrap CIs, Kaplan-Meier by risk
+    group with the log-rank test, calibration, paired comparisons; a report (markdown + PNGs) inside the site."""
+    from fedmusk.training.evaluate import HEADLINE, run_evaluate
+
+    report = _run(
+        run_evaluate, site_root, model, list(against or []), list(sets or []), split, out, reprepare, err_console
+    )  # fmt: skip
+    key, label = HEADLINE[report["task"]]
+    ci = report["metrics"].get(f"{key}_ci")
+    ci_text = f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci and None not in ci else ""
+    value = _num(report["metrics"].get(key))
+    console.print(f"{label} {value}{ci_text} on {report['n']} cases; report in {report['report']}")
 
 
 def _num(value) -> str:

@@ -182,6 +182,7 @@ class FederationConfig:
 class TrackingConfig:
     uri: str | None = None  # None: a local SQLite store inside the run's output folder
     experiment: str = "fedmusk"
+    parent_run_id: str | None = None  # nest the run under this MLflow run (a study's parent; the demo sets it)
 
 
 @dataclass

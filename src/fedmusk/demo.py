@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -11,9 +13,10 @@ from PIL import Image, UnidentifiedImageError
 from rich.console import Console
 from rich.table import Table
 
-from fedmusk.config import FedMuskConfig
+from fedmusk.config import FedMuskConfig, to_yaml
 from fedmusk.musk_model.zeroshot import image_text_similarity
 from fedmusk.runtime import check_model_config, load_model, load_tokenizer, resolve_device, seed_everything
+
 
 def read_image(path: Path) -> Image.Image:
     try:
@@ -59,20 +62,52 @@ def run_demo(cfg: FedMuskConfig, console: Console, workdir: Path = Path("runs/de
         synthesize_cohort(cohort, sites=3, seed=cfg.seed, tile_px=cfg.data.tile_size, progress=True)
     sites = sorted(p for p in cohort.iterdir() if (p / "manifest.csv").is_file())
     runs = workdir / time.strftime("%Y%m%d-%H%M%S")
-    console.rule(f"federation of {len(sites)} hospitals, {cfg.federation.strategy}, "
-                 f"{'SecAgg+' if cfg.federation.secure_aggregation else 'plain'} aggregation")
-    federated = run_simulation_from_config(cfg, sites, runs / "federated")
-    console.rule("baselines: all hospitals pooled, then each hospital alone")
-    pooled = run_train(cfg, sites, runs / "centralized", console)
-    alone = {site.name: run_train(cfg, [site], runs / f"local-{site.name}", console) for site in sites}
-    table = results_table(cfg.train.task, federated, pooled, alone, [s.name for s in sites])
-    console.print(table)
+    study = open_study(cfg, runs, [s.name for s in sites])
+    arm_cfg = replace(cfg, tracking=replace(cfg.tracking, uri=study.tracking_uri, parent_run_id=study.run_id))
+    with study:
+        console.rule(f"federation of {len(sites)} hospitals, {cfg.federation.strategy}, "
+                     f"{'SecAgg+' if cfg.federation.secure_aggregation else 'plain'} aggregation")
+        federated = run_simulation_from_config(arm_cfg, sites, runs / "federated", console=console)
+        console.rule("baselines: all hospitals pooled, then each hospital alone")
+        pooled = run_train(arm_cfg, sites, runs / "centralized", console)
+        alone = {site.name: run_train(arm_cfg, [site], runs / f"local-{site.name}", console) for site in sites}
+        table = results_table(cfg.train.task, federated, pooled, alone, [s.name for s in sites])
+        console.print(table)
+        (runs / "results.txt").write_text(_plain(table))
+        study.log_artifact(runs / "results.txt")
     console.print(
         f"bytes sent per hospital per round: {federated['bytes_up_per_client_round']:,.0f}; "
         f"federation took {federated['seconds']:.0f} s"
     )
-    console.print(f"results in {runs}; open MLflow with: mlflow ui --backend-store-uri {federated['tracking_uri']}")
+    console.print(f"registered model: {federated['registered_model']}")
+    console.print(f"results in {runs}; compare every arm in MLflow with: {study.ui_command}")
     return {"federated": federated, "centralized": pooled, "local": alone}
+
+
+def open_study(cfg: FedMuskConfig, runs: Path, sites: list[str]):
+    """The study's parent MLflow run: one store (``tracking.uri``, by default ``<runs>/mlflow.db``), one experiment;
+    every arm of the demo becomes a child run of it."""
+    from fedmusk.tracking import Tracker
+
+    runs.mkdir(parents=True, exist_ok=True)
+    uri = cfg.tracking.uri or f"sqlite:///{(runs / 'mlflow.db').resolve()}"
+    description = (
+        f"fedmusk demo: a {cfg.federation.strategy} federation of {len(sites)} hospitals against the pooled "
+        "(centralized) baseline and each hospital alone; compare the child runs' test/ metrics"
+    )
+    tags = {"fedmusk.arm": "study", "fedmusk.sites": ",".join(sites), "fedmusk.task": cfg.train.task,
+            "mlflow.note.content": description}  # fmt: skip
+    study = Tracker(runs, uri=uri, experiment=cfg.tracking.experiment, run_name=f"study-{runs.name}", tags=tags,
+                    announce=False)  # fmt: skip
+    (runs / "config.yaml").write_text(to_yaml(cfg))
+    study.log_artifact(runs / "config.yaml")
+    return study
+
+
+def _plain(table: Table) -> str:
+    console = Console(width=160, record=True, file=open(os.devnull, "w"))  # noqa: SIM115 - closed with the console
+    console.print(table)
+    return console.export_text()
 
 
 def results_table(task: str, federated: dict, pooled: dict, alone: dict, sites: list[str]) -> Table:

@@ -14,7 +14,9 @@ import os
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
+import contextlib  # noqa: E402
 import json  # noqa: E402
+import logging  # noqa: E402
 import math  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
@@ -40,14 +42,71 @@ from fedmusk.server.rounds import CHECKPOINT_DIR, ROUNDS_FILE, check_federation_
 from fedmusk.strategies.aggregation import secure_sum_error_bound  # noqa: E402
 
 SUMMARY_FILE = "summary.json"
+FLOWER_LOG = "flower.log"
+
+
+@contextlib.contextmanager
+def flower_output_to(log_file: Path, console=None):
+    """Flower's log, Ray's messages and Python warnings go to ``log_file``; fedmusk's round lines go to
+    ``console`` (a rich Console) when given. Everything is put back afterwards."""
+    import warnings
+
+    from rich.console import Console
+
+    handler = logging.FileHandler(log_file, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    saved = {}
+    for name in ("flwr", "ray", "py.warnings"):
+        logger = logging.getLogger(name)
+        saved[name] = (logger.handlers[:], logger.propagate)
+        logger.handlers, logger.propagate = [handler], False
+    rounds = logging.getLogger("fedmusk.rounds")
+    printer = None
+    if console is not None:
+        # bound to the stream the console writes to now: stdout and stderr are the log file while Flower runs
+        printer = _RoundPrinter(Console(file=console.file, width=console.width, no_color=console.no_color))
+        rounds.addHandler(printer)
+        rounds.setLevel(logging.INFO)
+    rounds.addHandler(handler)
+    log_stream = open(log_file, "a", encoding="utf-8")  # noqa: SIM115 - closed below
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(log_stream), contextlib.redirect_stderr(log_stream):
+            logging.captureWarnings(True)
+            yield
+    finally:
+        logging.captureWarnings(False)
+        for name, (handlers, propagate) in saved.items():
+            logger = logging.getLogger(name)
+            logger.handlers, logger.propagate = handlers, propagate
+        rounds.removeHandler(handler)
+        if printer is not None:
+            rounds.removeHandler(printer)
+        handler.close()
+        log_stream.close()
+
+
+class _RoundPrinter(logging.Handler):
+    def __init__(self, console):
+        super().__init__(logging.INFO)
+        self.console = console
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.console.print(record.getMessage(), highlight=False)
 
 
 def run_simulation_from_config(
-    cfg: FedMuskConfig, site_roots: Sequence[str | os.PathLike], out_dir: str | os.PathLike, resume: bool = False
+    cfg: FedMuskConfig,
+    site_roots: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    resume: bool = False,
+    console=None,
 ) -> dict[str, Any]:
     """Run ``cfg.federation.pretrain_rounds`` continued-pretraining rounds, then ``cfg.federation.rounds`` outcome
     rounds, over ``site_roots`` (resume: continue from the last checkpoint in
     ``out_dir``), then test the final adapter and write ``<out_dir>/summary.json``; returns the summary.
+
+    Flower's and Ray's own output goes to ``<out_dir>/flower.log``; with a ``console`` (rich) one line per round
+    is printed there.
 
     Raises ConfigError for settings that cannot work, and RoundFailed (from the coordinator) when a round fails.
     """
@@ -77,16 +136,58 @@ def run_simulation_from_config(
         RUN_SITE_ROOTS: json.dumps([str(r) for r in roots]), RUN_OUT_DIR: str(out), RUN_RESUME: bool(resume),
     }  # fmt: skip
     started = time.monotonic()
-    run_simulation(
-        server_app=build_server_app(run_config),
-        client_app=build_client_app(run_config),
-        num_supernodes=len(roots),
-        backend_config=simulation_backend(cfg, len(roots)),
-    )
+    with flower_output_to(out / FLOWER_LOG, console):
+        # Flower 1.42 marks run_simulation deprecated in favour of `flwr run` against a local SuperLink: that needs
+        # the app packaged as a FAB and a SuperLink process per run (docs/after-the-federation.md says more).
+        run_simulation(
+            server_app=build_server_app(run_config),
+            client_app=build_client_app(run_config),
+            num_supernodes=len(roots),
+            backend_config=simulation_backend(cfg, len(roots)),
+        )
     seconds = time.monotonic() - started
     summary = summarize(cfg, roots, out, run_config, seconds, out / ADAPTER_DIR)
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1, default=_json_default) + "\n")
+    summary["registered_model"] = record_result(cfg, roots, out, summary)
+    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1, default=_json_default) + "\n")
     return summary
+
+
+def record_result(cfg: FedMuskConfig, roots: list[Path], out: Path, summary: dict[str, Any]) -> str | None:
+    """Add to the federation's MLflow run what only this driver knows: the final test (pooled and per site, the
+    numbers the console prints), the sites as dataset inputs, ``summary.json``; register the final adapter as an
+    MLflow model with its lineage. Returns ``models:/NAME/VERSION``."""
+    from fedmusk.tracking import Tracker
+    from fedmusk.training.bundle import MODEL_FILE, model_card
+    from fedmusk.training.cohort import load_site_cases, split_cases
+    from fedmusk.training.run import site_datasets
+
+    splits: dict[str, list] = {"train": [], "val": [], "test": []}
+    for root in roots:
+        for split, cases in split_cases(
+            load_site_cases(root, cfg.seed, cfg.train.val_fraction, cfg.train.test_fraction)
+        ).items():
+            splits[split] += cases
+    adapter = Path(summary["adapter"])
+    meta = json.loads((adapter / MODEL_FILE).read_text())
+    lineage = meta["lineage"]
+    tags = {
+        "fedmusk.federation_id": summary["federation_id"], "fedmusk.strategy": summary["strategy"],
+        "fedmusk.rounds": summary["rounds_completed"], "fedmusk.sites": ",".join(summary["sites"]),
+        "fedmusk.secure_aggregation": summary["secure_aggregation"], "fedmusk.config_hash": meta["config_hash"],
+        "fedmusk.base_fingerprint": meta.get("base_fingerprint") or "unknown", "fedmusk.task": cfg.train.task,
+    }  # fmt: skip
+    if lineage.get("dp_epsilon") is not None:
+        tags.update({"fedmusk.dp_epsilon": lineage["dp_epsilon"], "fedmusk.dp_delta": lineage["dp_delta"]})
+    tracker = Tracker(out, uri=summary["tracking_uri"], run_id=summary["run_id"], announce=False)
+    with tracker:
+        tracker.set_tags({k: v for k, v in tags.items() if k != "fedmusk.base_fingerprint"})
+        tracker.log_final_test(summary["test"]["pooled"], summary["test"]["per_site"], step=summary["rounds_completed"])
+        tracker.log_site_datasets(site_datasets(roots, splits))
+        tracker.log_artifact(out / SUMMARY_FILE)
+        name = f"{cfg.tracking.experiment}-{cfg.train.task}"
+        version = tracker.register_model(adapter, name, tags, model_card(meta))
+    return f"models:/{name}/{version}"
 
 
 def simulation_backend(cfg: FedMuskConfig, n_sites: int) -> dict[str, Any]:

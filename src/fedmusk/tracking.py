@@ -4,13 +4,21 @@ By default a run lives in a local SQLite store inside the run's output folder (`
 under ``<out_dir>/mlartifacts``), so a federation needs no tracking server; pass ``uri`` to use one. The only line
 printed is where to open it. Sites never call this module: their metrics reach it through the coordinator.
 
-Only this module imports mlflow, and only when a Tracker is built: importing fedmusk.tracking stays cheap.
+Only this module (and ``fedmusk.tracking_model``, the MLflow model wrapper it loads to register a model) imports
+mlflow, and only when a Tracker is built: importing fedmusk.tracking stays cheap.
+
+Metric names are one vocabulary for every arm of a study (federated, centralized, local): ``test/<metric>`` is the
+final test over all the arm's test cases pooled (``test/c_index``, ``test/auc``, ...; the bootstrap CI is the tag
+``test/<metric>_ci``), ``test_site/<site>/<metric>`` each site's test cases; per-round values live under ``round/``
+(the case-weighted mean over sites as ``round/site_mean/...``, each site as ``round/site/<site>/...``), per-epoch
+values of the baselines under ``epoch/``, pretraining rounds under ``pretrain/``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import numbers
 import os
 import re
@@ -27,6 +35,9 @@ MAX_METRICS_PER_BATCH = 1000
 _TRUNCATED = "...[truncated]"
 _BAD_KEY_CHARS = re.compile(r"[^A-Za-z0-9_\-. /]")
 TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
+# Final-test numbers logged as metrics (CIs go to tags; alpha, n_boot and the like are settings, not results).
+TEST_METRICS = ("c_index", "c_index_uno", "td_auc", "ibs", "auc", "auprc", "n", "n_events", "n_positive")
+ARMS = ("study", "federated", "centralized", "local")
 
 
 class Tracker:
@@ -44,6 +55,8 @@ class Tracker:
         run_name: str | None = None,
         run_id: str | None = None,
         announce: bool = True,
+        parent_run_id: str | None = None,
+        tags: Mapping[str, Any] | None = None,
     ):
         from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
@@ -69,7 +82,10 @@ class Tracker:
                 exp_id = self._client.create_experiment(experiment, artifact_location=location)
             else:
                 exp_id = exp.experiment_id
-            run = self._client.create_run(exp_id, run_name=run_name)
+            run_tags = {**standard_tags(), **{k: str(v) for k, v in (tags or {}).items()}}
+            if parent_run_id:
+                run_tags["mlflow.parentRunId"] = parent_run_id
+            run = self._client.create_run(exp_id, run_name=run_name, tags=run_tags)
             self.resumed = False
         self.run_id: str = run.info.run_id
         self.experiment_id: str = run.info.experiment_id
@@ -84,9 +100,10 @@ class Tracker:
             return f"open {self.tracking_uri}"
         return f"mlflow ui --backend-store-uri {self.tracking_uri}"
 
-    def log_config(self, cfg: Any) -> list[str]:
+    def log_config(self, cfg: Any, arm: str | None = None) -> list[str]:
         """Log the resolved configuration (a dataclass, OmegaConf config or mapping) as dotted params
-        (``train.lr``) and as ``config.yaml``. Values over MLflow's limit are truncated.
+        (``train.lr``) and as ``config.yaml``. Values over MLflow's limit are truncated. With ``arm`` only the
+        params that apply to that arm are logged (``arm_params``); config.yaml keeps everything.
 
         MLflow params cannot change: on a resumed run, keys already logged are kept, and the keys whose value now
         differs are returned and listed in the tag ``fedmusk.config_changed_on_resume``.
@@ -95,6 +112,8 @@ class Tracker:
 
         tree = _to_container(cfg)
         params = {k: _param_value(v) for k, v in _flatten(tree, ".").items()}
+        if arm is not None:
+            params = {k: v for k, v in params.items() if applies_to(k, arm, tree)}
         existing = self._client.get_run(self.run_id).data.params
         changed = sorted(k for k, v in params.items() if k in existing and existing[k] != v)
         new = [Param(k, v) for k, v in params.items() if k not in existing]
@@ -128,18 +147,79 @@ class Tracker:
         bytes_up: int,
         bytes_down: int,
         seconds: float,
+        phase: str = "outcome",
     ) -> int:
-        """One round at step ``round``: ``aggregated`` under ``global/``, each site's metrics under
-        ``site/<site_name>/``, and ``comm/bytes_up``, ``comm/bytes_down``, ``time/round_seconds``."""
+        """One round at step ``round`` under ``round/`` (``pretrain/`` for a pretraining round): the case-weighted
+        mean over sites as ``site_mean/``, each site's metrics under ``site/<site_name>/``, and ``bytes_up``,
+        ``bytes_down``, ``seconds``."""
+        prefix = "pretrain" if phase == "pretrain" else "round"
         return self.log_metrics(
             {
-                "global": aggregated,
-                "site": per_site,
-                "comm": {"bytes_up": bytes_up, "bytes_down": bytes_down},
-                "time": {"round_seconds": seconds},
+                prefix: {
+                    "site_mean": _results_only(aggregated),
+                    "site": {name: _results_only(m) for name, m in per_site.items()},
+                    "bytes_up": bytes_up, "bytes_down": bytes_down,
+                    "seconds": seconds,
+                }
             },
             step=round,
+        )  # fmt: skip
+
+    def log_final_test(
+        self, pooled: Mapping[str, Any], per_site: Mapping[str, Mapping[str, Any]], step: int = 0
+    ) -> int:
+        """The arm's final test: ``test/<metric>`` over all its test cases pooled, ``test_site/<site>/<metric>``
+        per site, each CI as the tag ``test/<metric>_ci`` ("low to high"). Returns how many metrics were logged."""
+        metrics = {"test": _test_numbers(pooled), "test_site": {s: _test_numbers(m) for s, m in per_site.items()}}
+        for key in TEST_METRICS:
+            ci = pooled.get(f"{key}_ci")
+            if ci and None not in ci:
+                self._client.set_tag(self.run_id, f"test/{key}_ci", f"{ci[0]:.4f} to {ci[1]:.4f}")
+            reason = (pooled.get("reasons") or {}).get(key)
+            if reason:
+                self._client.set_tag(self.run_id, f"test/{key}_undefined", _param_value(reason))
+        return self.log_metrics(metrics, step=step)
+
+    def log_site_datasets(self, sites: Mapping[str, Mapping[str, Any]], context: str = "training") -> None:
+        """Each site's data as an MLflow dataset input: its name, a digest and case counts only (``sites[name]`` =
+        ``{"digest": ..., "cases": n, "train": n, ...}``); never paths or case ids."""
+        import json
+
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        inputs = [
+            DatasetInput(
+                Dataset(name=name, digest=str(info["digest"])[:36], source_type="fedmusk-site",
+                        source=json.dumps({"site": name}),
+                        profile=json.dumps({k: v for k, v in info.items() if k != "digest"})),
+                tags=[InputTag("mlflow.data.context", context)],
+            )
+            for name, info in sites.items()
+        ]  # fmt: skip
+        if inputs:
+            self._client.log_inputs(self.run_id, datasets=inputs)
+
+    def register_model(self, adapter_dir: str | os.PathLike, name: str, tags: Mapping[str, Any], description: str):
+        """Log the fedmusk model in ``adapter_dir`` under the run's ``model/`` as an MLflow pyfunc model (it runs
+        ``fedmusk predict``) and register it as a new version of ``name``; returns the version number."""
+        import tempfile
+
+        from fedmusk.tracking_model import save_pyfunc
+
+        with tempfile.TemporaryDirectory(prefix="fedmusk-pyfunc-") as tmp:
+            local = save_pyfunc(adapter_dir, Path(tmp) / "model")
+            self._client.log_artifacts(self.run_id, str(local), "model")
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self._client.create_registered_model(name, description="fedmusk outcome models")
+        except MlflowException:  # it exists: add a version
+            pass
+        source = f"{self._client.get_run(self.run_id).info.artifact_uri}/model"
+        version = self._client.create_model_version(
+            name, source, run_id=self.run_id, tags={k: str(v) for k, v in tags.items()}, description=description
         )
+        return version.version
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         """Copy one file into the run's artifacts (under ``artifact_path`` when given)."""
@@ -174,6 +254,76 @@ class Tracker:
             self.finish("FINISHED")
         else:
             self.finish("KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED")
+
+
+def standard_tags() -> dict[str, str]:
+    """Source tags MLflow shows for every run: the fedmusk command, its version and, in a git checkout, the
+    commit."""
+    import fedmusk
+
+    command = " ".join(["fedmusk", *sys.argv[1:2]]) if Path(sys.argv[0]).name == "fedmusk" else "fedmusk (python)"
+    tags = {"mlflow.source.name": command, "mlflow.source.type": "LOCAL", "fedmusk.version": fedmusk.__version__}
+    commit = _git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
+def _git_commit() -> str | None:
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def applies_to(key: str, arm: str, tree: Mapping[str, Any]) -> bool:
+    """Whether config key ``key`` (dotted) applies to ``arm``: tracking settings never (they say where the record
+    is, not how the model was made); federation settings and pretraining only to the federation (and pretraining
+    only when it ran); the baselines' epoch count not to the federation, which trains ``local_epochs`` per round."""
+    if key.startswith("tracking."):
+        return False
+    if arm in ("centralized", "local"):
+        return not key.startswith(("federation.", "train.pretrain."))
+    if arm == "federated":
+        pretrain = (tree.get("federation") or {}).get("pretrain_rounds", 0)
+        if key.startswith("train.pretrain.") and not pretrain:
+            return False
+        return key != "train.epochs"
+    return True
+
+
+def _results_only(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """Metrics without confidence limits and bootstrap settings: a CI is not a series of its own."""
+    return {k: v for k, v in metrics.items() if not str(k).endswith(_NOT_SERIES)}
+
+
+_NOT_SERIES = ("_lo", "_hi", "alpha", "n_boot", "_tau")
+
+
+def _test_numbers(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """The final-test numbers; a metric the test cases do not define (``reasons`` says why: too few cases, one
+    class) is NaN, so every arm still has the same names side by side."""
+    reasons = metrics.get("reasons") or {}
+    return {
+        k: (math.nan if metrics.get(k) is None and k in reasons else metrics[k]) for k in TEST_METRICS if k in metrics
+    }
+
+
+def download_model(uri: str, dst: str | os.PathLike, tracking_uri: str | None = None) -> str:
+    """Download an MLflow model (``models:/NAME/VERSION``, ``runs:/ID/model``) into ``dst``; returns the folder."""
+    from mlflow.artifacts import download_artifacts
+    from mlflow.exceptions import MlflowException
+
+    _quiet_mlflow()
+    Path(dst).mkdir(parents=True, exist_ok=True)
+    try:
+        return download_artifacts(artifact_uri=uri, dst_path=str(dst), tracking_uri=tracking_uri)
+    except MlflowException as err:
+        raise FileNotFoundError(f"{uri}: {str(err).splitlines()[0]}") from None
 
 
 def _quiet_mlflow() -> None:

@@ -20,6 +20,7 @@ LoRA tensors are carried into it (``carry_lora``); the server optimiser starts a
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
@@ -152,16 +153,22 @@ def outcome_start_state(cfg: FedMuskConfig, pretrained: StateDict) -> StateDict:
     return carry_lora(pretrained, initial_adapter_state(cfg, OUTCOME))
 
 
-def save_global_adapter(cfg: FedMuskConfig, global_state: StateDict, out_dir: str | os.PathLike) -> Path:
-    """Write ``global_state`` in peft's format (``fedmusk.musk_model.lora.save_adapter``) and return the folder.
+def save_global_adapter(
+    cfg: FedMuskConfig, global_state: StateDict, out_dir: str | os.PathLike, lineage=None
+) -> Path:
+    """Write ``global_state`` in peft's format (``fedmusk.musk_model.lora.save_adapter``) with the model's
+    configuration, fingerprints and model card (``fedmusk.training.bundle``), and return the folder.
 
     Under FedSA this is the shared part (A factors) with the initial B and heads: each site's personalised B and
     heads stay at the site."""
     from fedmusk.musk_model.lora import save_adapter
+    from fedmusk.training.bundle import Lineage, reference_base_and_tokenizer, save_bundle
 
     trainer = adapter_trainer(cfg)
     trainer.load_adapter_state(global_state)
-    return save_adapter(trainer.model, out_dir)
+    out = save_adapter(trainer.model, out_dir)
+    base, tokenizer = reference_base_and_tokenizer(cfg)
+    return save_bundle(out, cfg, lineage or Lineage(arm="federated"), base, tokenizer)
 
 
 # --- one round's record ----------------------------------------------------------------------------------------
@@ -189,6 +196,25 @@ class RoundRecord:
 
 
 COUNT_METRICS = ("n", "n_events", "n_positive")  # summed over sites; the other metrics are averaged
+# One INFO line per finished round (``round_line``); simulations and the demo print it, nothing else does by default.
+ROUND_LOG = logging.getLogger("fedmusk.rounds")
+
+
+def round_line(record: RoundRecord, total_rounds: int) -> str:
+    """One line per round for a console: phase, replies, the validation metric, traffic and time."""
+    agg = record.aggregated
+    if record.phase == PRETRAIN:
+        metric = f"val loss {agg['val_loss']:.3f}" if "val_loss" in agg else "val n/a"
+    elif "val_c_index" in agg:
+        metric = f"val C-index {agg['val_c_index']:.3f}"
+    elif "val_auc" in agg:
+        metric = f"val AUROC {agg['val_auc']:.3f}"
+    else:
+        metric = "val n/a"
+    return (
+        f"round {record.round}/{total_rounds} {record.phase}: {record.replies}/{record.sampled} replies, {metric} "
+        f"(site mean), {record.bytes_up / 1e6:.2f} MB up, {record.bytes_down / 1e6:.2f} MB down, {record.seconds:.1f} s"
+    )
 
 
 def weighted_site_mean(per_site: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
@@ -286,8 +312,12 @@ class RoundController:
         self.tracker = tracker_factory(
             self.out_dir, uri=cfg.tracking.uri, experiment=cfg.tracking.experiment,
             run_name=f"federation-{self.federation_id}", run_id=run_id, announce=False,
+            parent_run_id=cfg.tracking.parent_run_id, tags={"fedmusk.arm": "federated", "mlflow.note.content": (
+                f"{self.fed.strategy} federation, secure aggregation {'on' if self.fed.secure_aggregation else 'off'}"
+                f", {self.fed.pretrain_rounds} pretraining + {self.fed.rounds} outcome rounds, last round tested"
+            )},
         )  # fmt: skip
-        self.tracker.log_config(cfg)
+        self.tracker.log_config(cfg, arm="federated")
         self.tracker.set_tags({
             "fedmusk.federation_id": self.federation_id, "fedmusk.strategy": self.fed.strategy,
             "fedmusk.secure_aggregation": self.fed.secure_aggregation,
@@ -488,8 +518,11 @@ class RoundController:
             name: {**m, **({"train_loss": record.train_loss[name]} if name in record.train_loss else {})}
             for name, m in record.per_site.items()
         }
-        self.tracker.log_round(round, aggregated, per_site, record.bytes_up, record.bytes_down, record.seconds)
+        self.tracker.log_round(
+            round, aggregated, per_site, record.bytes_up, record.bytes_down, record.seconds, phase=record.phase
+        )
         self._write_rounds()
+        ROUND_LOG.info(round_line(record, self.total_rounds))
         save_round(
             self.checkpoint_dir, round, self.global_state,
             strategy_state={
@@ -524,6 +557,18 @@ class RoundController:
             self.tracker.log_artifact(path)
         self.tracker.log_dir(adapter_dir, "adapter")
         return plots
+
+    def lineage(self):
+        """Where the global adapter comes from, for its model card and registry tags (no paths, no case ids)."""
+        from fedmusk.training.bundle import Lineage
+
+        sites = sorted({name for r in self.history for name in (*r.per_site, *r.train_loss)})
+        eps = [r.dp_epsilon for r in self.history if r.dp_epsilon is not None]
+        return Lineage(
+            arm="federated", sites=sites, federation_id=self.federation_id, rounds=self.completed_round,
+            strategy=self.fed.strategy, secure_aggregation=self.fed.secure_aggregation,
+            dp_epsilon=eps[-1] if eps else None, dp_delta=self.fed.dp_delta if eps else None,
+        )  # fmt: skip
 
     def close(self, failed: bool = False) -> None:
         """End the MLflow run: FINISHED, or FAILED after an error."""

@@ -56,7 +56,7 @@ def run_federation(grid: Grid, context: Context, run_config: Mapping[str, Any]) 
     failed = True
     try:
         _run_rounds(MeteredGrid(grid, cfg.federation.reply_timeout_s), context, controller)
-        save_global_adapter(cfg, controller.global_state, out_dir / ADAPTER_DIR)
+        save_global_adapter(cfg, controller.global_state, out_dir / ADAPTER_DIR, controller.lineage())
         controller.publish(out_dir / ADAPTER_DIR)
         failed = False
     finally:

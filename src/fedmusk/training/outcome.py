@@ -188,8 +188,11 @@ class OutcomeTrainer:
     # -- evaluation --------------------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def predict(self, cases: list[CaseRecord]) -> Predictions:
-        cases = self.usable_cases(cases)
+    def predict(self, cases: list[CaseRecord], labelled_only: bool = True) -> Predictions:
+        """Outputs for ``cases`` (by default only those this task has labels for; ``labelled_only=False`` scores
+        every case, e.g. new cases without outcomes)."""
+        if labelled_only:
+            cases = self.usable_cases(cases)
         t = self.cfg.train
         if not cases:  # no cases in this split (a site without test cases, say): empty, not an error
             nll = t.task == "survival" and t.survival_loss == "nll"

@@ -182,3 +182,34 @@ def plot_round_curves(
     ax.legend(fontsize=9)
     fig.tight_layout()
     return _save(fig, out_png)
+
+
+def plot_calibration(
+    predicted: Sequence[float],
+    observed: Sequence[float],
+    counts: Sequence[int],
+    out_png: str | PathLike[str],
+    title: str = "Calibration",
+    xlabel: str = "Predicted",
+    ylabel: str = "Observed",
+) -> Path:
+    """Observed against predicted probability per group of cases (marker area ~ cases), with the diagonal of
+    perfect calibration."""
+    fig = Figure(figsize=(5.5, 5.5))
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], "--", color="grey", lw=1, label="Perfect calibration")
+    sizes = 20 + 180 * np.asarray(counts, dtype=float) / max(max(counts, default=1), 1)
+    ax.plot(predicted, observed, "-", color="#1f77b4", lw=1)
+    ax.scatter(predicted, observed, s=sizes, color="#1f77b4", zorder=3, label="Groups of cases (size ~ n)")
+    for x, y, n in zip(predicted, observed, counts, strict=True):
+        ax.annotate(f"n={n}", (x, y), textcoords="offset points", xytext=(6, -10), fontsize=8)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_aspect("equal")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, out_png)

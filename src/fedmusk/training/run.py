@@ -46,12 +46,12 @@ def run_train(
     cfg: FedMuskConfig, site_roots: Sequence[Path], out_dir: Path, console: Console | None = None,
     force: bool = False,
 ) -> dict:
-    """Train on ``site_roots`` pooled, keep the epoch with the best validation score, evaluate on the test cases.
+    """Train on ``site_roots`` pooled for ``train.epochs`` epochs and test the model after the last epoch (the
+    best validation epoch is reported, not used); the adapter is saved with its config and model card.
 
-    Without validation cases the adapter of the last epoch is kept; without test cases the adapter and the
-    training record are still written and ``test`` is None with the reason in ``test_note``. Cases without usable
-    slides are excluded (counted in ``excluded``). Raises ConfigError when ``out_dir`` holds an earlier run
-    (unless ``force``) or is a file.
+    Without test cases the adapter and the training record are still written and ``test`` is None with the reason
+    in ``test_note``. Cases without usable slides are excluded (counted in ``excluded``). Raises ConfigError when
+    ``out_dir`` holds an earlier run (unless ``force``) or is a file.
     """
     console = console or Console(stderr=True)
     check_model_config(cfg.model)
@@ -80,9 +80,18 @@ def run_train(
     from fedmusk.tracking import Tracker
 
     history: dict[str, list] = {"train_loss": [], "val_score": []}
-    best_score, best_state, best_epoch = None, session.adapter_state(), 0
-    with Tracker(out_dir, uri=cfg.tracking.uri, experiment=cfg.tracking.experiment, run_name=f"{mode}-{task}") as tracker:
-        tracker.log_config(cfg)
+    best_score, best_epoch = None, 0
+    sites = [Path(s).name for s in site_roots]
+    run_name = f"local-{sites[0]}" if mode == "local" else mode
+    what = "all sites pooled" if mode == "centralized" else f"{sites[0]} alone"
+    tags = {"fedmusk.arm": mode, "fedmusk.sites": ",".join(sites), "fedmusk.task": task,
+            "mlflow.note.content": f"{mode} baseline ({task}): {what}, {cfg.train.epochs} epochs, last epoch tested"}
+    with Tracker(
+        out_dir, uri=cfg.tracking.uri, experiment=cfg.tracking.experiment, run_name=run_name,
+        parent_run_id=cfg.tracking.parent_run_id, tags=tags, announce=cfg.tracking.parent_run_id is None,
+    ) as tracker:  # fmt: skip
+        tracker.log_config(cfg, arm=mode)
+        tracker.log_site_datasets(site_datasets(site_roots, session.splits))
         with _progress(console) as bar:
             job = bar.add_task("epochs", total=cfg.train.epochs)
             for epoch in range(1, cfg.train.epochs + 1):
@@ -91,11 +100,13 @@ def run_train(
                 score = selection_score(task, val)
                 history["train_loss"].append(train["loss"])
                 history["val_score"].append(score)
-                tracker.log_metrics({"train/loss": train["loss"], "val/score": score}, step=epoch)
+                val_key = "val_c_index" if task == "survival" else "val_auc"
+                tracker.log_metrics({"epoch": {"train_loss": train["loss"], val_key: score}}, step=epoch)
                 if best_score is None or (score is not None and score > best_score):
-                    best_score, best_state, best_epoch = score, session.adapter_state(), epoch
+                    best_score, best_epoch = score, epoch
                 bar.update(job, advance=1, description=f"epoch {epoch}: loss {train['loss']:.3f}, val {_fmt(score)}")
-        session.load_adapter_state(best_state)
+        # The final model is the one after the last epoch, as the federation's is the one after its last round:
+        # every arm is tested the same way, and no arm gains from picking its best epoch on a small validation set.
         test_pred = session.trainer.predict(session.splits["test"])
         from fedmusk.training.outcome import metrics_for
 
@@ -106,13 +117,18 @@ def run_train(
         } if test_pred.cases else {}  # fmt: skip
         plots = _plots(task, test_pred, history, out_dir)
         save_adapter(session.trainer.model, out_dir / "adapter")
+        from fedmusk.training.bundle import Lineage, reference_base_and_tokenizer, save_bundle
+
+        base, tokenizer = reference_base_and_tokenizer(cfg)
+        save_bundle(out_dir / "adapter", cfg, Lineage(arm=mode, sites=sites, epochs=cfg.train.epochs), base, tokenizer)
         result = {
             "task": task,
             "mode": mode,
-            "sites": [Path(s).name for s in site_roots],
+            "sites": sites,
             "n_cases": sizes,
             "epochs": cfg.train.epochs,
-            "best_epoch": best_epoch,
+            "final_epoch": cfg.train.epochs,
+            "best_epoch": best_epoch,  # the best validation epoch, for information: the test uses the last one
             "val_score": best_score,
             "excluded": excluded,
             "test": test,
@@ -125,9 +141,7 @@ def run_train(
             "run_id": tracker.run_id,
         }
         (out_dir / "metrics.json").write_text(json.dumps(result, indent=2))
-        if test is not None:
-            tracker.log_metrics({"test": {k: v for k, v in test.items() if isinstance(v, int | float)}},
-                                step=best_epoch)  # fmt: skip
+        tracker.log_final_test(test, per_site, step=cfg.train.epochs)
         for path in [out_dir / "metrics.json", out_dir / "config.yaml", *plots]:
             tracker.log_artifact(path)
         tracker.log_dir(out_dir / "adapter", "adapter")
@@ -155,6 +169,20 @@ def check_site_folders(site_roots: Sequence[Path]) -> None:
     if twins:
         raise ConfigError(f"two site folders have the same name {twins[0]!r}; sites are named after their folders, "
                           "so give each a distinct name")  # fmt: skip
+
+
+def site_datasets(site_roots: Sequence[Path], splits: dict) -> dict[str, dict]:
+    """Per site: a digest of its manifest and its case counts per split (what MLflow records as a dataset input)."""
+    import hashlib
+
+    out = {}
+    for root in site_roots:
+        name = Path(root).name
+        manifest = Path(root) / "manifest.csv"
+        digest = hashlib.sha256(manifest.read_bytes()).hexdigest()[:32] if manifest.is_file() else "unknown"
+        counts = {split: sum(1 for c in cases if c.site == name) for split, cases in splits.items()}
+        out[name] = {"digest": digest, "cases": sum(counts.values()), **counts}
+    return out
 
 
 def _subset(pred, site: str):
