@@ -1,22 +1,30 @@
 """``fedmusk server``: the coordinator's one command for a real federation.
 
 It checks the configuration and the certificate folder, starts Flower's SuperLink with TLS, SuperNode
-authentication and a persistent state database, registers every site key of the certificate folder, launches the
-federation (fedmusk's ServerApp, configured by the YAML) as a Flower run, shows round progress from the run's own
-``rounds.json`` and stops the SuperLink when the run ends. ``--resume`` starts the same federation again from its
-last checkpoint in the output folder (after a crash or a stop); the SuperLink database keeps the registered sites.
+authentication and a persistent state database on 127.0.0.1 only, publishes its Fleet API (and nothing else) on
+``--host``/``--port`` through a reverse proxy (``fleet_proxy``), registers every site key of the certificate folder,
+launches the federation (fedmusk's ServerApp, configured by the YAML) as a Flower run, shows round progress from the
+run's own ``rounds.json`` and stops the proxy and the SuperLink when the run ends. ``--resume`` starts the same
+federation again from its last checkpoint in the output folder (after a crash or a stop); the SuperLink database
+keeps the registered sites.
 
-The state folder (``--state``) holds ``superlink.db``, ``logs/superlink.log``, Flower's CLI home (``flower/``) and
-the app description Flower packages for each run (``app/pyproject.toml``: no code, the components are the installed
-fedmusk's, so a coordinator and a hospital run exactly the fedmusk they installed). Nothing in it is patient data:
-sites send only scrubbed metrics and masked adapter updates, and the coordinator never learns the sites' paths.
+The state folder (``--state``, 0700) holds ``superlink.db``, ``logs/superlink.log`` and ``logs/proxy.log``, the
+proxy's configuration (``proxy/caddy.json``), Flower's CLI home (``flower/``) and ``run-config.toml``. The run is
+submitted from a fresh temporary folder holding only a ``pyproject.toml`` (no code: the components are the installed
+fedmusk's, so a coordinator and a hospital run exactly the fedmusk they installed). Everything the coordinator and
+its children write is private to its user (umask 077). Nothing in it is patient data: sites send only scrubbed
+metrics and masked adapter updates, and the coordinator never learns the sites' paths.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import socket
+import stat
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,21 +34,27 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedmusk.config import ConfigError, FedMuskConfig, load_config, to_yaml
+from fedmusk.server import fleet_proxy
 from fedmusk.server.checkpoint import load_latest
 from fedmusk.server.rounds import CHECKPOINT_DIR, ROUNDS_FILE, RoundFailed, check_federation_config
 from fedmusk.supervise import (
     LOOPBACK,
     Child,
-    connect_host,
     flower_env,
     flower_executable,
+    free_port,
     port_open,
     run_flower_cli,
+    stop_stale_process,
+    write_pid_file,
 )
 
 CONNECTION = "fedmusk"  # the name of the SuperLink connection in the state folder's Flower home
 STARTUP_TIMEOUT_S = 90.0
 PID_FILE = "superlink.pid"
+PROXY_PID_FILE = "proxy.pid"
+INTERNAL_HOST = "127.0.0.1"  # where the SuperLink listens: only the proxy, the ServerApp and `flwr` reach it
+PRIVATE_UMASK = 0o077
 STATUS_POLL_S = 10.0  # seconds between `flwr list` checks of the run's status while rounds remain
 
 
@@ -55,8 +69,9 @@ class CoordinatorSettings:
     certs: Path | None = None
     state: Path = Path("fedmusk-coordinator")
     out: Path | None = None  # default: <state>/federation
-    host: str = "127.0.0.1"
-    port: int = 9092
+    host: str = "127.0.0.1"  # the public proxy's address
+    port: int = 9092  # the public proxy's port: the only one hospitals reach
+    superlink_port: int | None = None  # the SuperLink's own port on 127.0.0.1; None: a free one
     resume: bool = False
     insecure: bool = False  # development only: no TLS, no node authentication, loopback only
     poll_s: float = 2.0
@@ -73,28 +88,42 @@ def run_coordinator(settings: CoordinatorSettings, console: Console) -> dict[str
     federation itself failed (too few sites, a halted round), KeyboardInterrupt when stopped (SIGINT or SIGTERM)."""
     cfg = load_config(settings.config_files, settings.overrides)
     check_federation_config(cfg)
+    if settings.superlink_port is not None and settings.superlink_port == settings.port:
+        raise CoordinatorError(f"--superlink-port and --port are both {settings.port}: give the SuperLink another port")
     tls = _check_security(settings, console)
+    _check_port_free(settings.host, settings.port)
     out_dir = settings.out_dir
     _check_out_dir(out_dir, settings.resume, cfg.federation.pretrain_rounds + cfg.federation.rounds)
 
-    state = settings.state.resolve()
-    state.mkdir(parents=True, exist_ok=True, mode=0o700)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    env = flower_env({"FLWR_HOME": str(state / "flower")})
-    _write_flower_home(state / "flower", settings, tls)
-    app_dir = _write_app(state / "app")
-    run_config = _write_run_config(state / "run-config.toml", cfg, out_dir, settings.resume)
-
+    # Files the coordinator, the SuperLink, the ServerApp and the proxy create are its user's alone: the database
+    # (site keys, run records), checkpoints, rounds.json, the MLflow store, logs.
+    previous_umask = os.umask(PRIVATE_UMASK)
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-    _stop_stale_superlink(state, console)
-    superlink = _start_superlink(settings, state, tls, env)
-    (state / PID_FILE).write_text(f"{superlink.pid}\n")
+    children: list[Child] = []
+    state = settings.state.resolve()
     try:
-        _wait_until_serving(superlink, settings)
+        for folder in (state, out_dir):
+            _private_folder(folder, console)
+        _tighten_database(state)
+        _stop_stale(state, console)
+        superlink_port = settings.superlink_port or free_port(INTERNAL_HOST)
+        env = flower_env({"FLWR_HOME": str(state / "flower")})
+        _write_flower_home(state / "flower", superlink_port, tls)
+        run_config = _write_run_config(state / "run-config.toml", cfg, out_dir, settings.resume)
+
+        superlink = _start_superlink(superlink_port, state, tls, env)
+        children.append(superlink)
+        write_pid_file(state / PID_FILE, superlink.pid)
+        _wait_until_serving(superlink, INTERNAL_HOST, superlink_port, "the SuperLink", "--superlink-port")
+        proxy = _start_proxy(settings, superlink_port, state, tls, env)
+        children.append(proxy)
+        write_pid_file(state / PROXY_PID_FILE, proxy.pid)
+        _wait_until_serving(proxy, settings.host, settings.port, "the public proxy", "--port")
         if tls is not None:
             _register_sites(tls["sites"], env, console)
-        run_id = _launch(app_dir, run_config, env)
-        (out_dir / "deployment.json").write_text(
+        run_id = _launch(run_config, env)
+        _write_private(
+            out_dir / "deployment.json",
             json.dumps({"flower_run_id": run_id, "resumed": settings.resume, "started": time.time()}, indent=1)
         )
         console.print(
@@ -102,7 +131,7 @@ def run_coordinator(settings: CoordinatorSettings, console: Console) -> dict[str
             f"{cfg.federation.pretrain_rounds + cfg.federation.rounds} rounds, strategy {cfg.federation.strategy}, "
             f"secure aggregation {'on' if cfg.federation.secure_aggregation else 'off'}; results in {out_dir}"
         )
-        status = _follow(run_id, superlink, cfg, out_dir, env, settings.poll_s, console)
+        status = _follow(run_id, children, cfg, out_dir, env, settings.poll_s, console)
         if status != "finished:completed":
             hint = (
                 "after fixing the cause, continue with --resume"
@@ -112,9 +141,12 @@ def run_coordinator(settings: CoordinatorSettings, console: Console) -> dict[str
             raise RoundFailed(f"{_failure_reason(run_id, status, env)}; {hint}")
         return _summary(out_dir, run_id)
     finally:
-        superlink.stop()
-        (state / PID_FILE).unlink(missing_ok=True)
+        for child in reversed(children):  # the proxy first: no new Fleet calls reach a SuperLink that is stopping
+            child.stop()
+        for name in (PROXY_PID_FILE, PID_FILE):
+            (state / name).unlink(missing_ok=True)
         signal.signal(signal.SIGTERM, previous)
+        os.umask(previous_umask)
 
 
 def _raise_interrupt(signum, frame):  # noqa: ARG001 - signal handler signature
@@ -140,12 +172,28 @@ def _check_security(settings: CoordinatorSettings, console: Console) -> dict[str
         raise CoordinatorError("--certs is required: the folder made by `fedmusk certs init` (or use --dev-insecure)")
     certs = settings.certs.resolve()  # the SuperLink runs in the state folder
     paths = check_server_files(certs, host=settings.host)
+    check_server_files(certs, host=INTERNAL_HOST)  # the proxy and `flwr` dial the SuperLink there
     sites = site_public_keys(certs)
     if not sites:
         raise CoordinatorError(
             f"no site is registered in {settings.certs / 'sites'}: run `fedmusk certs add-site` for each hospital"
         )
     return {"paths": paths, "sites": sites}
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Refuse a public port something already listens on. Caddy binds with SO_REUSEPORT, so a second proxy of the
+    same user (another coordinator) would share the port silently rather than fail; a plain bind does fail."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # connections closing in TIME_WAIT are no obstacle
+        try:
+            sock.bind((host.strip("[]"), port))
+        except OSError as err:
+            raise CoordinatorError(
+                f"--port {port} on {host} is not free ({err.strerror}): is another coordinator running? "
+                "Stop it or choose another --port"
+            ) from None
 
 
 def _check_out_dir(out_dir: Path, resume: bool, total_rounds: int) -> None:
@@ -165,25 +213,49 @@ def _check_out_dir(out_dir: Path, resume: bool, total_rounds: int) -> None:
         )
 
 
-def _write_flower_home(home: Path, settings: CoordinatorSettings, tls: dict[str, Any] | None) -> None:
-    """The Flower CLI's configuration: one SuperLink connection, to the SuperLink this command starts."""
+def _private_folder(folder: Path, console: Console) -> None:
+    """Create ``folder`` readable by this user only; an existing one is tightened to 0700 where this user may."""
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if stat.S_IMODE(folder.stat().st_mode) & 0o077:
+        try:
+            folder.chmod(0o700)
+        except OSError:  # a mount point owned by someone else: say so, the files in it are still 0600
+            console.print(f"[yellow]warning:[/] {folder} is readable by other users and could not be made private")
+
+
+def _tighten_database(state: Path) -> None:
+    """A SuperLink database written before the coordinator made its files private becomes private now."""
+    for name in ("superlink.db", "superlink.db-wal", "superlink.db-shm"):
+        if (state / name).is_file():
+            (state / name).chmod(0o600)
+
+
+def _write_private(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` with mode 0600, also when the file existed with a wider mode."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    return path
+
+
+def _write_flower_home(home: Path, superlink_port: int, tls: dict[str, Any] | None) -> None:
+    """The Flower CLI's configuration: one connection, to the SuperLink on loopback (never through the proxy)."""
     home.mkdir(parents=True, exist_ok=True, mode=0o700)
     lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]"]
-    lines.append(f'address = "{connect_host(settings.host)}:{settings.port}"')
+    lines.append(f'address = "{INTERNAL_HOST}:{superlink_port}"')
     if tls is None:
         lines.append("insecure = true")
     else:
         lines.append(f'root-certificates = "{Path(tls["paths"].ca_cert).resolve()}"')
-    (home / "config.toml").write_text("\n".join(lines) + "\n")
+    _write_private(home / "config.toml", "\n".join(lines) + "\n")
 
 
-def _write_app(app_dir: Path) -> Path:
-    """The Flower app description for ``flwr run``: fedmusk's installed ServerApp and ClientApp, no code."""
+def app_description() -> str:
+    """The ``pyproject.toml`` Flower packages for a run: fedmusk's installed ServerApp and ClientApp, no code."""
     from fedmusk import __version__
 
-    app_dir.mkdir(parents=True, exist_ok=True)
-    (app_dir / "pyproject.toml").write_text(
-        f"""# Written by `fedmusk server`: Flower packages this folder for each run. It holds no code: the components
+    return f"""# Written by `fedmusk server`: Flower packages this description for each run. It holds no code: the components
 # below resolve to the fedmusk installed on the coordinator and on each hospital's machine.
 [build-system]
 requires = ["hatchling"]
@@ -208,8 +280,6 @@ fedmusk-config = ""
 out-dir = "fedmusk-out"
 resume = false
 """
-    )
-    return app_dir
 
 
 def _write_run_config(path: Path, cfg: FedMuskConfig, out_dir: Path, resume: bool) -> Path:
@@ -219,16 +289,13 @@ def _write_run_config(path: Path, cfg: FedMuskConfig, out_dir: Path, resume: boo
         f"out-dir = {json.dumps(str(out_dir))}",
         f"resume = {'true' if resume else 'false'}",
     ])  # fmt: skip
-    path.write_text(text + "\n")
-    return path
+    return _write_private(path, text + "\n")
 
 
 # -- the SuperLink -----------------------------------------------------------------------------------------------
 
 
-def _start_superlink(
-    settings: CoordinatorSettings, state: Path, tls: dict[str, Any] | None, env: dict[str, str]
-) -> Child:
+def _start_superlink(port: int, state: Path, tls: dict[str, Any] | None, env: dict[str, str]) -> Child:
     argv = [flower_executable("flower-superlink")]
     if tls is None:
         argv.append("--insecure")
@@ -240,44 +307,55 @@ def _start_superlink(
         ]  # fmt: skip
     argv += [
         "--database", str(state / "superlink.db"), "--disable-runtime-dependency-installation",
-        "--host", settings.host, "--port", str(settings.port),
+        "--host", INTERNAL_HOST, "--port", str(port),
     ]  # fmt: skip
     return Child("superlink", argv, state / "logs" / "superlink.log", env=env, cwd=state)
 
 
-def _stop_stale_superlink(state: Path, console: Console) -> None:
-    """Stop the SuperLink (and the ServerApp under it) that a crashed earlier coordinator left running on this state
-    folder, so the database and port are free; a process that is not that SuperLink is left alone."""
-    pid_file = state / PID_FILE
-    try:
-        pid = int(pid_file.read_text().strip())
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except (OSError, ValueError):
-        pid_file.unlink(missing_ok=True)
-        return
-    if "flower-superlink" in cmdline and str(state / "superlink.db") in cmdline:
-        console.print(f"[yellow]stopping the SuperLink (pid {pid}) left running by an earlier coordinator[/]")
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(pid, sig)
-            except (ProcessLookupError, PermissionError):
-                break
-            deadline = time.monotonic() + 15
-            while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
-                time.sleep(0.2)
-    pid_file.unlink(missing_ok=True)
+def _start_proxy(
+    settings: CoordinatorSettings, superlink_port: int, state: Path, tls: dict[str, Any] | None, env: dict[str, str]
+) -> Child:
+    files = {}
+    if tls is not None:
+        p = tls["paths"]
+        files = {"cert": p.server_cert, "key": p.server_key, "ca_cert": p.ca_cert}
+    config = fleet_proxy.caddy_config(
+        host=settings.host, port=settings.port, upstream_port=superlink_port, storage=state / "proxy" / "data",
+        **files,
+    )  # fmt: skip
+    return fleet_proxy.start_proxy(config, state / "proxy", state / "logs" / "proxy.log", env)
 
 
-def _wait_until_serving(superlink: Child, settings: CoordinatorSettings) -> None:
+def _stop_stale(state: Path, console: Console) -> None:
+    """Stop the proxy and the SuperLink (with the ServerApp under it) that a crashed earlier coordinator left
+    running on this state folder, so the ports and the database are free; a process that is not theirs is left
+    alone."""
+    proxy = stop_stale_process(state / PROXY_PID_FILE, "caddy", str(state / "proxy" / fleet_proxy.CONFIG_FILE))
+    if proxy is not None:
+        console.print(f"[yellow]stopped the proxy (pid {proxy}) left running by an earlier coordinator[/]")
+    superlink = stop_stale_process(state / PID_FILE, "flower-superlink", str(state / "superlink.db"))
+    if superlink is not None:
+        console.print(f"[yellow]stopped the SuperLink (pid {superlink}) left running by an earlier coordinator[/]")
+
+
+def _wait_until_serving(child: Child, host: str, port: int, what: str, option: str) -> None:
+    """Until ``child`` listens on ``port`` and has said it is ready; CoordinatorError (naming ``option``, the setting
+    that chose the port) when it stops or does not open the port in time."""
+    ready = "Application startup complete" if child.name == "superlink" else fleet_proxy.STARTED
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while time.monotonic() < deadline:
-        if not superlink.alive():
-            last = " | ".join(line for line in superlink.tail(5) if line.strip())
-            raise CoordinatorError(f"the SuperLink stopped at start (exit {superlink.returncode}): {last}")
-        if port_open(settings.host, settings.port) and superlink.saw("Application startup complete"):
+        if not child.alive():
+            reason = fleet_proxy.failure(child) if child.name == "proxy" else _last_lines(child)
+            hint = f"; choose another {option}" if "address already in use" in reason else ""
+            raise CoordinatorError(f"{what} stopped at start (exit {child.returncode}): {reason}{hint}")
+        if child.saw(ready) and port_open(host, port):
             return
-        time.sleep(0.5)
-    raise CoordinatorError(f"the SuperLink did not open port {settings.port} within {STARTUP_TIMEOUT_S:g} s")
+        time.sleep(0.3)
+    raise CoordinatorError(f"{what} did not open port {port} ({option}) within {STARTUP_TIMEOUT_S:g} s")
+
+
+def _last_lines(child: Child) -> str:
+    return " | ".join(line for line in child.tail(5) if line.strip())
 
 
 def _register_sites(sites: dict[str, Path], env: dict[str, str], console: Console) -> None:
@@ -296,8 +374,17 @@ def _register_sites(sites: dict[str, Path], env: dict[str, str], console: Consol
             raise CoordinatorError(f"could not register site {name}'s key with the SuperLink: {reason}")
 
 
-def _launch(app_dir: Path, run_config: Path, env: dict[str, str]) -> str:
-    done = run_flower_cli(["run", str(app_dir), CONNECTION, "--run-config", str(run_config), "--format", "json"], env)
+def _launch(run_config: Path, env: dict[str, str]) -> str:
+    """Submit the federation as a Flower run. The bundle is packed from a fresh private folder holding only the app
+    description, so nothing else (stray files, code) can travel in it; the folder is removed afterwards."""
+    app_dir = Path(tempfile.mkdtemp(prefix="fedmusk-app-"))  # 0700
+    try:
+        _write_private(app_dir / "pyproject.toml", app_description())
+        done = run_flower_cli(
+            ["run", str(app_dir), CONNECTION, "--run-config", str(run_config), "--format", "json"], env
+        )
+    finally:
+        shutil.rmtree(app_dir, ignore_errors=True)
     answer = _json_answer(done.stdout)
     if not answer.get("success") or "run-id" not in answer:
         reason = answer.get("error-message") or (done.stderr or done.stdout).strip()[-300:]
@@ -317,7 +404,7 @@ def _json_answer(stdout: str) -> dict[str, Any]:
 
 
 def _follow(
-    run_id: str, superlink: Child, cfg: FedMuskConfig, out_dir: Path, env: dict[str, str], poll_s: float,
+    run_id: str, children: list[Child], cfg: FedMuskConfig, out_dir: Path, env: dict[str, str], poll_s: float,
     console: Console,
 ) -> str:
     """Show the rounds as ``rounds.json`` records them until the run finishes; returns Flower's final status."""
@@ -329,10 +416,12 @@ def _follow(
         task = progress.add_task("rounds", total=total, last="")
         last_status_check = 0.0
         while True:
-            if not superlink.alive():
-                raise CoordinatorError(
-                    f"the SuperLink stopped during the run (exit {superlink.returncode}); see its log, then --resume"
-                )
+            for child in children:
+                if not child.alive():
+                    raise CoordinatorError(
+                        f"the {'SuperLink' if child.name == 'superlink' else 'public proxy'} stopped during the run "
+                        f"(exit {child.returncode}); see logs/{child.name}.log in the state folder, then --resume"
+                    )
             records = _read_rounds(out_dir)
             for record in records[shown:]:
                 line = _round_line(record)
@@ -398,8 +487,8 @@ def _summary(out_dir: Path, run_id: str) -> dict[str, Any]:
         "adapter": str(out_dir / "adapter"),
         "out_dir": str(out_dir),
     }
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    _write_private(out_dir / "summary.json", json.dumps(summary, indent=1, default=str))
     return summary
 
 
-__all__ = ["ConfigError", "CoordinatorError", "CoordinatorSettings", "RoundFailed", "run_coordinator"]
+__all__ = ["ConfigError", "CoordinatorError", "CoordinatorSettings", "RoundFailed", "app_description", "run_coordinator"]
