@@ -91,7 +91,6 @@ def run_coordinator(settings: CoordinatorSettings, console: Console) -> dict[str
     if settings.superlink_port is not None and settings.superlink_port == settings.port:
         raise CoordinatorError(f"--superlink-port and --port are both {settings.port}: give the SuperLink another port")
     tls = _check_security(settings, console)
-    _check_port_free(settings.host, settings.port)
     out_dir = settings.out_dir
     _check_out_dir(out_dir, settings.resume, cfg.federation.pretrain_rounds + cfg.federation.rounds)
 
@@ -106,6 +105,7 @@ def run_coordinator(settings: CoordinatorSettings, console: Console) -> dict[str
             _private_folder(folder, console)
         _tighten_database(state)
         _stop_stale(state, console)
+        _check_port_free(settings.host, settings.port)
         superlink_port = settings.superlink_port or free_port(INTERNAL_HOST)
         env = flower_env({"FLWR_HOME": str(state / "flower")})
         _write_flower_home(state / "flower", superlink_port, tls)
