@@ -173,6 +173,11 @@ def _check_security(settings: CoordinatorSettings, console: Console) -> dict[str
     certs = settings.certs.resolve()  # the SuperLink runs in the state folder
     paths = check_server_files(certs, host=settings.host)
     check_server_files(certs, host=INTERNAL_HOST)  # the proxy and `flwr` dial the SuperLink there
+    if paths.ca_key.exists():
+        console.print(
+            f"[bold yellow]warning:[/] {paths.ca_key} is on this server: the coordinator does not need the CA key; "
+            "keep it offline", highlight=False,
+        )  # fmt: skip
     sites = site_public_keys(certs)
     if not sites:
         raise CoordinatorError(
