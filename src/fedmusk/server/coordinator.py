@@ -2,9 +2,10 @@
 
 It checks the configuration and the certificate folder, starts Flower's SuperLink with TLS, SuperNode
 authentication and a persistent state database on 127.0.0.1 only, publishes its Fleet API (and nothing else) on
-``--host``/``--port`` through a reverse proxy (``fleet_proxy``), registers every site key of the certificate folder,
-launches the federation (fedmusk's ServerApp, configured by the YAML) as a Flower run, shows round progress from the
-run's own ``rounds.json`` and stops the proxy and the SuperLink when the run ends. ``--resume`` starts the same
+``--host``/``--port`` through a reverse proxy (``superlink`` runs both, ``fleet_proxy`` configures the proxy),
+registers every site key of the certificate folder, launches the federation (fedmusk's ServerApp, configured by the
+YAML) as a Flower run, shows round progress from the run's own ``rounds.json`` and stops the proxy and the SuperLink
+when the run ends. ``--resume`` starts the same
 federation again from its last checkpoint in the output folder (after a crash or a stop); the SuperLink database
 keeps the registered sites.
 
@@ -22,7 +23,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import stat
 import tempfile
 import time
@@ -34,32 +34,24 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedmusk.config import ConfigError, FedMuskConfig, load_config, to_yaml
-from fedmusk.server import fleet_proxy
 from fedmusk.server.checkpoint import load_latest
 from fedmusk.server.rounds import CHECKPOINT_DIR, ROUNDS_FILE, RoundFailed, check_federation_config
-from fedmusk.supervise import (
-    LOOPBACK,
-    Child,
-    flower_env,
-    flower_executable,
-    free_port,
-    port_open,
-    run_flower_cli,
-    stop_stale_process,
-    write_pid_file,
+from fedmusk.server.superlink import (
+    INTERNAL_HOST,
+    PID_FILE,
+    PROXY_PID_FILE,
+    CoordinatorError,
+    check_port_free,
+    start_proxy,
+    start_superlink,
+    stop_stale,
+    wait_until_serving,
 )
+from fedmusk.supervise import LOOPBACK, Child, flower_env, free_port, run_flower_cli, write_pid_file
 
 CONNECTION = "fedmusk"  # the name of the SuperLink connection in the state folder's Flower home
-STARTUP_TIMEOUT_S = 90.0
-PID_FILE = "superlink.pid"
-PROXY_PID_FILE = "proxy.pid"
-INTERNAL_HOST = "127.0.0.1"  # where the SuperLink listens: only the proxy, the ServerApp and `flwr` reach it
 PRIVATE_UMASK = 0o077
 STATUS_POLL_S = 10.0  # seconds between `flwr list` checks of the run's status while rounds remain
-
-
-class CoordinatorError(Exception):
-    """Something the coordinator's operator must fix (settings, certificates, a SuperLink that does not start)."""
 
 
 @dataclass
@@ -104,21 +96,21 @@ def run_coordinator(settings: CoordinatorSettings, console: Console) -> dict[str
         for folder in (state, out_dir):
             _private_folder(folder, console)
         _tighten_database(state)
-        _stop_stale(state, console)
-        _check_port_free(settings.host, settings.port)
+        stop_stale(state, console)
+        check_port_free(settings.host, settings.port)
         superlink_port = settings.superlink_port or free_port(INTERNAL_HOST)
         env = flower_env({"FLWR_HOME": str(state / "flower")})
         _write_flower_home(state / "flower", superlink_port, tls)
         run_config = _write_run_config(state / "run-config.toml", cfg, out_dir, settings.resume)
 
-        superlink = _start_superlink(superlink_port, state, tls, env)
+        superlink = start_superlink(superlink_port, state, tls, env)
         children.append(superlink)
         write_pid_file(state / PID_FILE, superlink.pid)
-        _wait_until_serving(superlink, INTERNAL_HOST, superlink_port, "the SuperLink", "--superlink-port")
-        proxy = _start_proxy(settings, superlink_port, state, tls, env)
+        wait_until_serving(superlink, INTERNAL_HOST, superlink_port, "the SuperLink", "--superlink-port")
+        proxy = start_proxy(settings.host, settings.port, superlink_port, state, tls, env)
         children.append(proxy)
         write_pid_file(state / PROXY_PID_FILE, proxy.pid)
-        _wait_until_serving(proxy, settings.host, settings.port, "the public proxy", "--port")
+        wait_until_serving(proxy, settings.host, settings.port, "the public proxy", "--port")
         if tls is not None:
             _register_sites(tls["sites"], env, console)
         run_id = _launch(run_config, env)
@@ -184,21 +176,6 @@ def _check_security(settings: CoordinatorSettings, console: Console) -> dict[str
             f"no site is registered in {settings.certs / 'sites'}: run `fedmusk certs add-site` for each hospital"
         )
     return {"paths": paths, "sites": sites}
-
-
-def _check_port_free(host: str, port: int) -> None:
-    """Refuse a public port something already listens on. Caddy binds with SO_REUSEPORT, so a second proxy of the
-    same user (another coordinator) would share the port silently rather than fail; a plain bind does fail."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # connections closing in TIME_WAIT are no obstacle
-        try:
-            sock.bind((host.strip("[]"), port))
-        except OSError as err:
-            raise CoordinatorError(
-                f"--port {port} on {host} is not free ({err.strerror}): is another coordinator running? "
-                "Stop it or choose another --port"
-            ) from None
 
 
 def _check_out_dir(out_dir: Path, resume: bool, total_rounds: int) -> None:
@@ -298,69 +275,6 @@ def _write_run_config(path: Path, cfg: FedMuskConfig, out_dir: Path, resume: boo
 
 
 # -- the SuperLink -----------------------------------------------------------------------------------------------
-
-
-def _start_superlink(port: int, state: Path, tls: dict[str, Any] | None, env: dict[str, str]) -> Child:
-    argv = [flower_executable("flower-superlink")]
-    if tls is None:
-        argv.append("--insecure")
-    else:
-        p = tls["paths"]
-        argv += [
-            "--ssl-ca-certfile", str(p.ca_cert), "--ssl-certfile", str(p.server_cert),
-            "--ssl-keyfile", str(p.server_key), "--enable-supernode-auth",
-        ]  # fmt: skip
-    argv += [
-        "--database", str(state / "superlink.db"), "--disable-runtime-dependency-installation",
-        "--host", INTERNAL_HOST, "--port", str(port),
-    ]  # fmt: skip
-    return Child("superlink", argv, state / "logs" / "superlink.log", env=env, cwd=state)
-
-
-def _start_proxy(
-    settings: CoordinatorSettings, superlink_port: int, state: Path, tls: dict[str, Any] | None, env: dict[str, str]
-) -> Child:
-    files = {}
-    if tls is not None:
-        p = tls["paths"]
-        files = {"cert": p.server_cert, "key": p.server_key, "ca_cert": p.ca_cert}
-    config = fleet_proxy.caddy_config(
-        host=settings.host, port=settings.port, upstream_port=superlink_port, storage=state / "proxy" / "data",
-        **files,
-    )  # fmt: skip
-    return fleet_proxy.start_proxy(config, state / "proxy", state / "logs" / "proxy.log", env)
-
-
-def _stop_stale(state: Path, console: Console) -> None:
-    """Stop the proxy and the SuperLink (with the ServerApp under it) that a crashed earlier coordinator left
-    running on this state folder, so the ports and the database are free; a process that is not theirs is left
-    alone."""
-    proxy = stop_stale_process(state / PROXY_PID_FILE, "caddy", str(state / "proxy" / fleet_proxy.CONFIG_FILE))
-    if proxy is not None:
-        console.print(f"[yellow]stopped the proxy (pid {proxy}) left running by an earlier coordinator[/]")
-    superlink = stop_stale_process(state / PID_FILE, "flower-superlink", str(state / "superlink.db"))
-    if superlink is not None:
-        console.print(f"[yellow]stopped the SuperLink (pid {superlink}) left running by an earlier coordinator[/]")
-
-
-def _wait_until_serving(child: Child, host: str, port: int, what: str, option: str) -> None:
-    """Until ``child`` listens on ``port`` and has said it is ready; CoordinatorError (naming ``option``, the setting
-    that chose the port) when it stops or does not open the port in time."""
-    ready = "Application startup complete" if child.name == "superlink" else fleet_proxy.STARTED
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if not child.alive():
-            reason = fleet_proxy.failure(child) if child.name == "proxy" else _last_lines(child)
-            hint = f"; choose another {option}" if "address already in use" in reason else ""
-            raise CoordinatorError(f"{what} stopped at start (exit {child.returncode}): {reason}{hint}")
-        if child.saw(ready) and port_open(host, port):
-            return
-        time.sleep(0.3)
-    raise CoordinatorError(f"{what} did not open port {port} ({option}) within {STARTUP_TIMEOUT_S:g} s")
-
-
-def _last_lines(child: Child) -> str:
-    return " | ".join(line for line in child.tail(5) if line.strip())
 
 
 def _register_sites(sites: dict[str, Path], env: dict[str, str], console: Console) -> None:
