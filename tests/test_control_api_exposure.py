@@ -41,7 +41,8 @@ CONTROL_ATTACKS = ("register-node", "unregister-node", "list-nodes", "list-runs"
                    "stream-logs", "pull-artifacts")  # fmt: skip
 ODD_PATHS = (
     "/V1/FLEET/GET-RUN", "/v1/fleet/../control/list-runs", "/v1/control/../fleet/get-run", "//v1/fleet/get-run",
-    "/v1//fleet/get-run", "/v1/fleet/get-run/", "/v1/fleet/%2e%2e/control/list-runs", "/v1/control/%2E%2E/fleet/get-run",
+    "/v1//fleet/get-run", "/v1/fleet/get-run/", "/v1/fleet/%2e%2e/control/list-runs",
+    "/v1/control/%2E%2E/fleet/get-run",
     "/v1/fleet%2F..%2Fcontrol/list-runs", "/v1/fleet/get-run%00", "/v1/fleet/", "/v1/fleet",
 )  # fmt: skip
 FEDERATION = """\

@@ -66,9 +66,10 @@ def init(
     _say()
     _say(
         f"Next: register each hospital with `fedmusk certs add-site {dir} NAME --public-key site.pub` (the hospital "
-        f"makes its key pair with `fedmusk certs site-key` and sends only site.pub), start the federation with `fedmusk server CONFIG --certs {dir}` (it starts "
-        f"the SuperLink with TLS behind its Fleet-only proxy and registers every site key in {dir}/sites), and read the CA fingerprint to each hospital by phone so they can check their ca.crt. Keep {paths.ca_key} offline: "
-        "the SuperLink does not need it."
+        "makes its key pair with `fedmusk certs site-key` and sends only site.pub), start the federation with "
+        f"`fedmusk server CONFIG --certs {dir}` (it starts the SuperLink with TLS behind its Fleet-only proxy and "
+        f"registers every site key in {dir}/sites), and read the CA fingerprint to each hospital by phone so they "
+        f"can check their ca.crt. Keep {paths.ca_key} offline: the SuperLink does not need it."
     )
     if force and (sites := certs.site_public_keys(dir)):
         _say(f"The CA changed: send each site its new ca.crt ({', '.join(f'sites/{n}/ca.crt' for n in sites)}).")

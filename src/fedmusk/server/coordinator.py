@@ -237,7 +237,7 @@ def app_description() -> str:
     """The ``pyproject.toml`` Flower packages for a run: fedmusk's installed ServerApp and ClientApp, no code."""
     from fedmusk import __version__
 
-    return f"""# Written by `fedmusk server`: Flower packages this description for each run. It holds no code: the components
+    return f"""# Written by `fedmusk server`: Flower packages this for each run. It holds no code: the components
 # below resolve to the fedmusk installed on the coordinator and on each hospital's machine.
 [build-system]
 requires = ["hatchling"]
@@ -410,4 +410,6 @@ def _summary(out_dir: Path, run_id: str) -> dict[str, Any]:
     return summary
 
 
-__all__ = ["ConfigError", "CoordinatorError", "CoordinatorSettings", "RoundFailed", "app_description", "run_coordinator"]
+__all__ = [
+    "ConfigError", "CoordinatorError", "CoordinatorSettings", "RoundFailed", "app_description", "run_coordinator",
+]  # fmt: skip

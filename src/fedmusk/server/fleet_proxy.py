@@ -85,7 +85,10 @@ def caddy_config(
     fleet = {
         # exact, case-sensitive comparison of the request's path (Caddy's `path` matcher ignores case and cleans
         # `..`, while the SuperLink would receive the path as sent)
-        "match": [{"method": ["POST"], "expression": {"expr": f"{{http.request.uri.path}} in [{fleet_paths}]", "name": "fleet"}}],
+        "match": [{
+            "method": ["POST"],
+            "expression": {"expr": f"{{http.request.uri.path}} in [{fleet_paths}]", "name": "fleet"},
+        }],  # fmt: skip
         "handle": [
             {"handler": "request_body", "max_size": MAX_BODY_BYTES},
             {
