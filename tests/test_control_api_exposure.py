@@ -249,6 +249,27 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _run_processes(superlink_port: int) -> list[int]:
+    """The SuperExec and ServerApp processes serving the SuperLink on that port."""
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            argv = entry.joinpath("cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if any(Path(w).name in ("flwr-serverapp", "flower-superexec") for w in argv[:2]) and \
+                f"127.0.0.1:{superlink_port}" in argv and _alive(int(entry.name)):
+            found.append(int(entry.name))
+    return found
+
+
+def _serverapp(superlink_port: int, timeout: float = 60) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while not (found := _run_processes(superlink_port)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return found
+
+
 def _wait_gone(pids: list[int], timeout: float = 30) -> list[int]:
     deadline = time.monotonic() + timeout
     while (alive := [p for p in pids if _alive(p)]) and time.monotonic() < deadline:
@@ -364,6 +385,13 @@ def test_the_coordinators_folders_and_files_are_private(coordinator):
         assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
     for path in state.rglob("*"):  # the database's -wal/-shm, anything the ServerApp wrote by now
         assert stat.S_IMODE(path.lstat().st_mode) & 0o077 == 0, path
+    # What the ServerApp writes later (checkpoints, rounds.json, the MLflow store) is private too: every process of
+    # the coordinator runs with umask 077.
+    run = _serverapp(coordinator["internal_port"])
+    assert run, "no ServerApp runs for the federation"
+    for pid in [coordinator["superlink"], coordinator["proxy"], *run]:
+        status = Path(f"/proc/{pid}/status").read_text()
+        assert re.search(r"^Umask:\s+0077$", status, re.M), (pid, status[:300])
     # The run was submitted from a temporary folder holding only the app description, removed since.
     assert not (state / "app").exists()
     assert not list((coordinator["root"] / "tmp").glob("fedmusk-app-*"))
@@ -373,16 +401,20 @@ def test_the_coordinators_folders_and_files_are_private(coordinator):
 def test_a_crashed_coordinators_proxy_and_superlink_are_stopped_at_the_next_start(coordinator):
     """Runs last: it replaces the module's coordinator."""
     server, state = coordinator["server"], coordinator["state"]
-    left = [coordinator["superlink"], coordinator["proxy"]]
-    server.stop(signal.SIGKILL)  # the command dies; its proxy and SuperLink keep running
+    left = [coordinator["superlink"], coordinator["proxy"], *_serverapp(coordinator["internal_port"])]
+    assert len(left) > 2, "no ServerApp runs for the federation"
+    server.stop(signal.SIGKILL)  # the command dies; its proxy, SuperLink and ServerApp keep running
     assert all(_alive(p) for p in left)
     again = Server(coordinator["args"], coordinator["root"] / "again.log", coordinator["env"])
     coordinator["server"] = again
     again.wait_for(r"federation started", 150)
-    assert not _wait_gone(left, 5), "the earlier proxy and SuperLink still run"
+    assert not _wait_gone(left, 5), "the earlier proxy, SuperLink or ServerApp still run"
     output = again.output()
     assert "stopped the proxy" in output and "stopped the SuperLink" in output
-    now = [int((state / "superlink.pid").read_text()), int((state / "proxy.pid").read_text())]
+    port = int(tomllib.loads((state / "flower" / "config.toml").read_text())["superlink"]["fedmusk"]["address"]
+               .rsplit(":", 1)[1])  # fmt: skip
+    now = [int((state / "superlink.pid").read_text()), int((state / "proxy.pid").read_text()), *_serverapp(port)]
+    assert len(now) > 2, "no ServerApp runs for the resumed federation"
     assert again.stop() == 130
-    assert not _wait_gone(now), "fedmusk server left its proxy or SuperLink running"
+    assert not _wait_gone(now), "fedmusk server left its proxy, SuperLink or ServerApp running"
     assert not (state / "superlink.pid").exists() and not (state / "proxy.pid").exists()

@@ -196,10 +196,30 @@ def stop_stale_process(pid_file: Path, *markers: str, grace_s: float = 15.0) -> 
             except (ProcessLookupError, PermissionError):
                 break
             deadline = time.monotonic() + grace_s
-            while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
+            while time.monotonic() < deadline and process_running(pid):
                 time.sleep(0.2)
     pid_file.unlink(missing_ok=True)
     return stopped
+
+
+def process_running(pid: int) -> bool:
+    """Whether ``pid`` exists and is not a zombie waiting for its parent to collect it."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def group_running(pgid: int) -> bool:
+    """Whether any process of process group ``pgid`` still runs (zombies do not count)."""
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat_file.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
 
 
 def free_port(host: str = "127.0.0.1") -> int:

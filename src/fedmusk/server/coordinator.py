@@ -37,6 +37,7 @@ from fedmusk.config import ConfigError, FedMuskConfig, load_config, to_yaml
 from fedmusk.server.checkpoint import load_latest
 from fedmusk.server.rounds import CHECKPOINT_DIR, ROUNDS_FILE, RoundFailed, check_federation_config
 from fedmusk.server.superlink import (
+    CONNECTION,
     INTERNAL_HOST,
     PID_FILE,
     PROXY_PID_FILE,
@@ -44,12 +45,12 @@ from fedmusk.server.superlink import (
     check_port_free,
     start_proxy,
     start_superlink,
+    stop_run_processes,
     stop_stale,
     wait_until_serving,
 )
 from fedmusk.supervise import LOOPBACK, Child, flower_env, free_port, run_flower_cli, write_pid_file
 
-CONNECTION = "fedmusk"  # the name of the SuperLink connection in the state folder's Flower home
 PRIVATE_UMASK = 0o077
 STATUS_POLL_S = 10.0  # seconds between `flwr list` checks of the run's status while rounds remain
 
@@ -91,6 +92,7 @@ def run_coordinator(settings: CoordinatorSettings, console: Console) -> dict[str
     previous_umask = os.umask(PRIVATE_UMASK)
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     children: list[Child] = []
+    superlink_port = None
     state = settings.state.resolve()
     try:
         for folder in (state, out_dir):
@@ -135,6 +137,8 @@ def run_coordinator(settings: CoordinatorSettings, console: Console) -> dict[str
     finally:
         for child in reversed(children):  # the proxy first: no new Fleet calls reach a SuperLink that is stopping
             child.stop()
+        if children:
+            stop_run_processes(superlink_port)  # the ServerApp runs in a session of its own
         for name in (PROXY_PID_FILE, PID_FILE):
             (state / name).unlink(missing_ok=True)
         signal.signal(signal.SIGTERM, previous)

@@ -7,16 +7,20 @@ it registers sites or submits the run. The proxy's configuration is ``fleet_prox
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
 from fedmusk.server import fleet_proxy
-from fedmusk.supervise import Child, flower_executable, port_open, stop_stale_process
+from fedmusk.supervise import Child, flower_executable, group_running, port_open, stop_stale_process
 
+CONNECTION = "fedmusk"  # the name of the SuperLink connection in the state folder's Flower home
 STARTUP_TIMEOUT_S = 90.0
 PID_FILE = "superlink.pid"
 PROXY_PID_FILE = "proxy.pid"
@@ -77,6 +81,45 @@ def start_proxy(
     return fleet_proxy.start_proxy(config, state / "proxy", state / "logs" / "proxy.log", env)
 
 
+def stop_run_processes(superlink_port: int, grace_s: float = 10.0) -> list[int]:
+    """Stop the SuperExec and ServerApp processes serving the SuperLink on 127.0.0.1:``superlink_port``.
+
+    The SuperLink starts its SuperExec in a session of its own (which then starts the ServerApp), so stopping the
+    SuperLink's process group leaves them behind: they are found by the runtime address on their command line. Only
+    this user's processes are touched. Returns the process groups signalled."""
+    address = f"{INTERNAL_HOST}:{superlink_port}"
+    groups = set()
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            if entry.stat().st_uid != os.getuid():
+                continue
+            argv = entry.joinpath("cmdline").read_bytes().decode(errors="replace").split("\0")
+            pid = int(entry.name)
+        except (OSError, ValueError):
+            continue
+        programs = {Path(word).name for word in argv[:2]}
+        if programs & {"flower-superexec", "flwr-serverapp"} and _after(argv, "--runtime-api-address") == address:
+            try:
+                groups.add(os.getpgid(pid))
+            except ProcessLookupError:
+                continue
+    groups.discard(os.getpgid(0))  # never this process's own group
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for group in groups:
+            try:
+                os.killpg(group, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        deadline = time.monotonic() + grace_s
+        while sig == signal.SIGTERM and time.monotonic() < deadline and any(group_running(g) for g in groups):
+            time.sleep(0.2)
+    return sorted(groups)
+
+
+def _after(argv: list[str], option: str) -> str | None:
+    return argv[argv.index(option) + 1] if option in argv[:-1] else None
+
+
 def stop_stale(state: Path, console: Console) -> None:
     """Stop the proxy and the SuperLink (with the ServerApp under it) that a crashed earlier coordinator left
     running on this state folder, so the ports and the database are free; a process that is not theirs is left
@@ -87,6 +130,13 @@ def stop_stale(state: Path, console: Console) -> None:
     superlink = stop_stale_process(state / PID_FILE, "flower-superlink", str(state / "superlink.db"))
     if superlink is not None:
         console.print(f"[yellow]stopped the SuperLink (pid {superlink}) left running by an earlier coordinator[/]")
+    try:  # the earlier SuperLink's port, from the Flower home the earlier coordinator wrote
+        home = tomllib.loads((state / "flower" / "config.toml").read_text())
+        port = int(home["superlink"][CONNECTION]["address"].rsplit(":", 1)[1])
+    except (OSError, KeyError, ValueError, tomllib.TOMLDecodeError):
+        return
+    if stop_run_processes(port):
+        console.print("[yellow]stopped the ServerApp left running by an earlier coordinator[/]")
 
 
 def wait_until_serving(child: Child, host: str, port: int, what: str, option: str) -> None:
