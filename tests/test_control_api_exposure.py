@@ -285,6 +285,8 @@ def coordinator(tmp_path_factory):
     init_ca(certs)
     hospital = site_key_pair(root / "hospital", "site-1")  # the hospital's own key; only site.pub was sent
     add_site(certs, "site-1", public_key=hospital.public_key)
+    second = site_key_pair(root / "hospital-2", "site-2")
+    add_site(certs, "site-2", public_key=second.public_key)
     stranger = site_key_pair(root / "stranger", "stranger")
     (root / "federation.yaml").write_text(FEDERATION)
     (root / "tmp").mkdir()
@@ -302,7 +304,7 @@ def coordinator(tmp_path_factory):
         yield {
             "root": root, "certs": CertPaths(certs), "state": state, "port": port, "server": server, "env": env,
             "args": args, "internal_port": int(address.rsplit(":", 1)[1]), "superlink": superlink, "proxy": proxy,
-            "site_key": hospital.private_key, "stranger_key": stranger.private_key,
+            "site_key": hospital.private_key, "second_key": second.private_key, "stranger_key": stranger.private_key,
             "startup_s": time.monotonic() - started,
         }  # fmt: skip
     finally:
@@ -364,6 +366,34 @@ def test_a_registered_site_reaches_the_fleet_api_through_the_proxy_and_a_strange
             assert ActivateNodeResponse.FromString(response.content).node_id != 0
         else:  # the SuperLink's own refusal (a JSON error), not the proxy's empty 404
             assert response.status_code != 200 and response.json().get("detail"), response.text
+
+
+@pytest.mark.slow
+def test_a_real_supernode_connects_through_the_proxy_and_comes_online(coordinator, tmp_path):
+    env = {**flower_env(), "FLWR_HOME": str(tmp_path / "flwr")}
+    supernode = Child(
+        "supernode",
+        ["flower-supernode", "--superlink", f"127.0.0.1:{coordinator['port']}", "--root-certificates",
+         str(coordinator["certs"].ca_cert), "--auth-supernode-private-key", str(coordinator["second_key"]),
+         "--port", str(free_port())],
+        tmp_path / "supernode.log", env=env, cwd=tmp_path,
+    )  # fmt: skip
+    cli_env = {**env, "FLWR_HOME": str(coordinator["state"] / "flower")}  # the coordinator's loopback connection
+    try:
+        deadline, node, status = time.monotonic() + 60, None, {}
+        while time.monotonic() < deadline and supernode.alive():
+            if node is None and (m := re.search(r"SuperNode ID: (\d+)", "\n".join(supernode.tail(50)))):
+                node = m.group(1)
+            if node is not None:
+                listed = subprocess.run(["flwr", "supernode", "list", "fedmusk", "--format", "json"], env=cli_env,
+                                        capture_output=True, text=True, timeout=60).stdout  # fmt: skip
+                status = {n["node-id"]: n["status"] for n in json.loads(listed[listed.find("{"):])["nodes"]}
+                if status.get(node) == "online":
+                    break
+            time.sleep(1)
+        assert node is not None and status.get(node) == "online", (status, supernode.tail(20))
+    finally:
+        supernode.stop()
 
 
 @pytest.mark.slow
