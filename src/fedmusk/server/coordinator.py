@@ -5,9 +5,8 @@ authentication and a persistent state database on 127.0.0.1 only, publishes its 
 ``--host``/``--port`` through a reverse proxy (``superlink`` runs both, ``fleet_proxy`` configures the proxy),
 registers every site key of the certificate folder, launches the federation (fedmusk's ServerApp, configured by the
 YAML) as a Flower run, shows round progress from the run's own ``rounds.json`` and stops the proxy and the SuperLink
-when the run ends. ``--resume`` starts the same
-federation again from its last checkpoint in the output folder (after a crash or a stop); the SuperLink database
-keeps the registered sites.
+when the run ends. ``--resume`` starts the same federation again from its last checkpoint in the output folder
+(after a crash or a stop); the SuperLink database keeps the registered sites.
 
 The state folder (``--state``, 0700) holds ``superlink.db``, ``logs/superlink.log`` and ``logs/proxy.log``, the
 proxy's configuration (``proxy/caddy.json``), Flower's CLI home (``flower/``) and ``run-config.toml``. The run is
@@ -278,7 +277,7 @@ def _write_run_config(path: Path, cfg: FedMuskConfig, out_dir: Path, resume: boo
     return _write_private(path, text + "\n")
 
 
-# -- the SuperLink -----------------------------------------------------------------------------------------------
+# -- sites and the run --------------------------------------------------------------------------------------------
 
 
 def _register_sites(sites: dict[str, Path], env: dict[str, str], console: Console) -> None:

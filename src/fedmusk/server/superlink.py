@@ -106,6 +106,8 @@ def stop_run_processes(superlink_port: int, grace_s: float = 10.0) -> list[int]:
     groups.discard(os.getpgid(0))  # never this process's own group
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for group in groups:
+            if sig == signal.SIGKILL and not group_running(group):
+                continue  # gone after SIGTERM: its number may belong to someone else by now
             try:
                 os.killpg(group, sig)
             except (ProcessLookupError, PermissionError):
@@ -121,8 +123,8 @@ def _after(argv: list[str], option: str) -> str | None:
 
 
 def stop_stale(state: Path, console: Console) -> None:
-    """Stop the proxy and the SuperLink (with the ServerApp under it) that a crashed earlier coordinator left
-    running on this state folder, so the ports and the database are free; a process that is not theirs is left
+    """Stop the proxy, the SuperLink and the SuperExec and ServerApp it started, which a crashed earlier coordinator
+    left running on this state folder, so the ports and the database are free; a process that is not theirs is left
     alone."""
     proxy = stop_stale_process(state / PROXY_PID_FILE, "caddy", str(state / "proxy" / fleet_proxy.CONFIG_FILE))
     if proxy is not None:
