@@ -96,7 +96,7 @@ def run_coordinator(settings: CoordinatorSettings, console: Console) -> dict[str
     try:
         for folder in (state, out_dir):
             _private_folder(folder, console)
-        _tighten_database(state)
+        _tighten_existing(state)
         stop_stale(state, console)
         check_port_free(settings.host, settings.port)
         superlink_port = settings.superlink_port or free_port(INTERNAL_HOST)
@@ -208,9 +208,10 @@ def _private_folder(folder: Path, console: Console) -> None:
             console.print(f"[yellow]warning:[/] {folder} is readable by other users and could not be made private")
 
 
-def _tighten_database(state: Path) -> None:
-    """A SuperLink database written before the coordinator made its files private becomes private now."""
-    for name in ("superlink.db", "superlink.db-wal", "superlink.db-shm"):
+def _tighten_existing(state: Path) -> None:
+    """Files an earlier version of the coordinator left readable by others become private now (new files are private
+    from creation: umask 077)."""
+    for name in ("superlink.db", "superlink.db-wal", "superlink.db-shm", "run-config.toml", "flower/config.toml"):
         if (state / name).is_file():
             (state / name).chmod(0o600)
 
@@ -236,11 +237,13 @@ def _write_flower_home(home: Path, superlink_port: int, tls: dict[str, Any] | No
     _write_private(home / "config.toml", "\n".join(lines) + "\n")
 
 
-def app_description() -> str:
-    """The ``pyproject.toml`` Flower packages for a run: fedmusk's installed ServerApp and ClientApp, no code."""
+def _write_app(app_dir: Path) -> Path:
+    """The Flower app description for ``flwr run``: fedmusk's installed ServerApp and ClientApp, no code."""
     from fedmusk import __version__
 
-    return f"""# Written by `fedmusk server`: Flower packages this for each run. It holds no code: the components
+    app_dir.mkdir(parents=True, exist_ok=True)
+    (app_dir / "pyproject.toml").write_text(
+        f"""# Written by `fedmusk server`: Flower packages this folder for each run. It holds no code: the components
 # below resolve to the fedmusk installed on the coordinator and on each hospital's machine.
 [build-system]
 requires = ["hatchling"]
@@ -265,6 +268,8 @@ fedmusk-config = ""
 out-dir = "fedmusk-out"
 resume = false
 """
+    )
+    return app_dir
 
 
 def _write_run_config(path: Path, cfg: FedMuskConfig, out_dir: Path, resume: bool) -> Path:
@@ -274,7 +279,8 @@ def _write_run_config(path: Path, cfg: FedMuskConfig, out_dir: Path, resume: boo
         f"out-dir = {json.dumps(str(out_dir))}",
         f"resume = {'true' if resume else 'false'}",
     ])  # fmt: skip
-    return _write_private(path, text + "\n")
+    path.write_text(text + "\n")
+    return path
 
 
 # -- sites and the run --------------------------------------------------------------------------------------------
@@ -301,7 +307,7 @@ def _launch(run_config: Path, env: dict[str, str]) -> str:
     description, so nothing else (stray files, code) can travel in it; the folder is removed afterwards."""
     app_dir = Path(tempfile.mkdtemp(prefix="fedmusk-app-"))  # 0700
     try:
-        _write_private(app_dir / "pyproject.toml", app_description())
+        _write_app(app_dir)
         done = run_flower_cli(
             ["run", str(app_dir), CONNECTION, "--run-config", str(run_config), "--format", "json"], env
         )
@@ -413,6 +419,4 @@ def _summary(out_dir: Path, run_id: str) -> dict[str, Any]:
     return summary
 
 
-__all__ = [
-    "ConfigError", "CoordinatorError", "CoordinatorSettings", "RoundFailed", "app_description", "run_coordinator",
-]  # fmt: skip
+__all__ = ["ConfigError", "CoordinatorError", "CoordinatorSettings", "RoundFailed", "run_coordinator"]
