@@ -392,7 +392,7 @@ def test_cli_init_add_site_and_show_tell_the_operator_what_was_written(tmp_path)
     assert certs.certificate_fingerprint(ca) in init.output
     assert f"fedmusk server CONFIG --certs {root}" in init.output and str(CertPaths(root).server_key) in init.output
 
-    added = _cli("add-site", root, "hosp-a")
+    added = _cli("add-site", root, "hosp-a", "--generate-key-for-site")
     assert added.exit_code == 0, added.output
     site_fp = certs.fingerprint((root / "sites" / "hosp-a" / "site.pub").read_bytes())
     assert site_fp in added.output and "send the whole folder" in added.output
@@ -411,6 +411,21 @@ def test_cli_init_add_site_and_show_tell_the_operator_what_was_written(tmp_path)
     assert "SuperLink files: ok" in shown.output
 
 
+def test_cli_add_site_without_the_hospitals_public_key_is_refused_unless_told_to_make_the_key(tmp_path):
+    root = tmp_path / "certs"
+    assert _cli("init", root).exit_code == 0
+    refused = _cli("add-site", root, "hosp-a")
+    assert refused.exit_code == 2
+    (line,) = [line for line in refused.output.splitlines() if line.strip()]
+    assert line.startswith("error: ") and "--public-key site.pub" in line and "--generate-key-for-site" in line
+    assert not (root / "sites" / "hosp-a").exists()
+    hospital = certs.site_key_pair(tmp_path / "hospital", "hosp-a")
+    both = _cli("add-site", root, "hosp-a", "--public-key", hospital.public_key, "--generate-key-for-site")
+    assert both.exit_code == 2 and "exclude each other" in both.output
+    made = _cli("add-site", root, "hosp-a", "--generate-key-for-site")
+    assert made.exit_code == 0 and (root / "sites" / "hosp-a" / "site.key").is_file()
+
+
 def test_cli_errors_are_one_line_with_exit_code_2(tmp_path):
     root = tmp_path / "certs"
     assert _cli("init", root).exit_code == 0
@@ -418,7 +433,7 @@ def test_cli_errors_are_one_line_with_exit_code_2(tmp_path):
     assert again.exit_code == 2
     errors = [line for line in again.output.splitlines() if line.strip()]
     assert len(errors) == 1 and errors[0].startswith("error: ") and "--force" in errors[0]
-    bad = _cli("add-site", root, "bad name")
+    bad = _cli("add-site", root, "bad name", "--generate-key-for-site")
     assert bad.exit_code == 2 and bad.output.startswith("error: invalid site name")
     missing = _cli("show", tmp_path / "nowhere")
     assert missing.exit_code == 2 and missing.output.startswith("error: ")

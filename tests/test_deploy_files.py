@@ -136,6 +136,11 @@ def test_images_run_fedmusk_server_and_client_as_a_non_root_user():
         assert not unknown, f"{path.name} sets variables fedmusk does not read: {unknown}"
 
 
+def test_coordinator_image_checks_that_its_proxy_is_installed():
+    runs = [r for w, r in dockerfile_instructions(IMAGE_DOCKERFILES["coordinator"]) if w == "RUN"]
+    assert any("/src/fedmusk" in r and "caddy version" in r for r in runs), "caddy comes with fedmusk's install"
+
+
 def test_torch_is_installed_before_fedmusk_so_pip_never_pulls_another_build():
     for path in IMAGE_DOCKERFILES.values():
         runs = [r for w, r in dockerfile_instructions(path) if w == "RUN" and "pip install" in r]
@@ -202,17 +207,28 @@ def test_compose_hospitals_dial_the_coordinator_by_the_name_in_its_certificate(m
     assert re.search(r"certs init \S+ --host coordinator", (COMPOSE / "bootstrap.sh").read_text())
 
 
+def test_compose_coordinator_mounts_its_certificates_read_only_and_never_the_ca_key():
+    mounts = {m["target"]: m for m in compose_services()["coordinator"]["volumes"]}
+    certs = {t: m for t, m in mounts.items() if t.startswith("/certs")}
+    assert set(certs) == {"/certs/ca/ca.crt", "/certs/superlink", "/certs/sites"}
+    assert all(m.get("read_only") is True for m in certs.values())
+    for target, mount in certs.items():
+        assert mount["source"].endswith(target), (target, mount["source"])
+    assert {t for t, m in mounts.items() if not m.get("read_only")} == {"/state"}
+
+
 def test_every_compose_hospital_mounts_its_own_site_read_only_and_only_its_cache_writable():
     for name, service in compose_services().items():
         mounts = {m["target"]: m for m in service["volumes"]}
         if name == "coordinator":
-            assert mounts["/certs"].get("read_only") is True
             continue
         assert mounts["/site"].get("read_only") is True, f"{name} must mount the site folder read-only"
         assert mounts["/secrets"].get("read_only") is True
         assert mounts["/site"]["source"].endswith(f"/cohort/{name}")
         assert mounts["/site/.fedmusk"]["source"].endswith(f"/cohort/{name}/.fedmusk")
-        assert mounts["/secrets"]["source"].endswith(f"/certs/sites/{name}"), "each hospital gets only its bundle"
+        # its own key pair and ca.crt, made at the hospital: nothing from the coordinator's certificate folder
+        assert mounts["/secrets"]["source"].endswith(f"/hospitals/{name}"), "each hospital gets only its own keys"
+        assert "/certs" not in mounts["/secrets"]["source"]
         writable = {t for t, m in mounts.items() if not m.get("read_only")}
         assert writable == {"/site/.fedmusk"}, f"{name} may write only its cache: {writable}"
         assert service.get("read_only") is True and service.get("cap_drop") == ["ALL"]
@@ -234,14 +250,23 @@ def test_bootstrap_script_is_valid_bash_and_its_fedmusk_lines_parse(monkeypatch)
     values = {"${fedmusk[@]}": "fedmusk", "$data": "/data", "$site": "site-1", "${#sites[@]}": "3",
               "$config": "configs/demo.yaml", "${sites[-1]}": "site-3"}  # fmt: skip
     lines = [l.strip() for l in script.read_text().splitlines() if l.strip().startswith('"${fedmusk[@]}"')]
-    assert len(lines) >= 4
+    assert len(lines) >= 5
     seen = set()
     for line in lines:
         for var, value in values.items():
             line = line.replace(var, value)
-        command, _ = parse_fedmusk(shlex.split(line)[1:], {}, monkeypatch)
+        command, params = parse_fedmusk(shlex.split(line)[1:], {}, monkeypatch)
+        assert_add_site_is_accepted(command, params)
         seen.add(command)
-    assert {"synth", "certs init", "certs add-site", "prepare"} <= seen
+    assert {"synth", "certs init", "certs site-key", "certs add-site", "prepare"} <= seen
+    text = script.read_text()
+    assert "--public-key" in text and "--generate-key-for-site" not in text, "the demo's hospitals make their keys"
+
+
+def assert_add_site_is_accepted(command: str, params: dict) -> None:
+    """`certs add-site` refuses (at run time) a line with neither --public-key nor --generate-key-for-site."""
+    if command == "certs add-site":
+        assert (params["public_key"] is not None) != params["generate_key_for_site"], params
 
 
 # --- systemd -------------------------------------------------------------------------------------------------------
@@ -518,7 +543,7 @@ def test_every_fedmusk_command_in_the_deploy_readme_parses(monkeypatch):
     problems = []
     for args in lines:
         try:
-            parse_fedmusk(args, {}, monkeypatch)
+            assert_add_site_is_accepted(*parse_fedmusk(args, {}, monkeypatch))
         except click.UsageError as err:
             problems.append(f"fedmusk {shlex.join(args)}: {err.format_message()}")
     assert not problems, "\n".join(problems)

@@ -121,3 +121,11 @@ def test_client_refuses_a_runtime_port_already_in_use(site, certs):
         taken.listen()
         result = client(site, certs, "--runtime-port", str(taken.getsockname()[1]))
     one_line_error(result, "--runtime-port")
+
+
+def test_coordinator_refuses_one_port_for_both_the_public_proxy_and_the_superlink(certs, tmp_path):
+    result = runner.invoke(
+        app, ["server", "configs/demo.yaml", "--certs", str(certs), "--state", str(tmp_path), "--port", "9300",
+              "--superlink-port", "9300"],
+    )  # fmt: skip
+    one_line_error(result, "--superlink-port and --port are both 9300")

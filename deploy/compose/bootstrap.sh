@@ -2,8 +2,11 @@
 # Prepare the folders the compose demo mounts, then write deploy/compose/.env:
 #   DATA/cohort/site-1..3   a synthetic 3-hospital cohort (fedmusk synth), each with its tile cache in .fedmusk/
 #                           (fedmusk prepare, with the demo configuration the coordinator runs)
-#   DATA/certs              the federation's CA and the coordinator's certificate for the name `coordinator`
-#                           (fedmusk certs init), and one key bundle per site: certs/sites/site-N/{ca.crt,site.key}
+#   DATA/certs              the coordinator's folder: the federation's CA and the SuperLink certificate for the name
+#                           `coordinator` (fedmusk certs init), and each site's registered public key
+#                           certs/sites/site-N/site.pub (fedmusk certs add-site --public-key)
+#   DATA/hospitals/site-N   what each hospital keeps: its own key pair (fedmusk certs site-key; site.key never leaves
+#                           it) and the CA certificate it received (ca.crt)
 #   DATA/coordinator        the coordinator's state and outputs
 #
 # Usage: deploy/compose/bootstrap.sh [DATA]        (default: deploy/compose/data; safe to run again)
@@ -48,10 +51,15 @@ fi
 if [[ ! -f "$data/certs/ca/ca.crt" ]]; then
   "${fedmusk[@]}" certs init "$data/certs" --host coordinator
 fi
+# each hospital makes its own key pair and sends only site.pub; the coordinator registers it and sends back ca.crt
 for site in "${sites[@]}"; do
-  if [[ ! -f "$data/certs/sites/$site/site.pub" ]]; then
-    "${fedmusk[@]}" certs add-site "$data/certs" "$site"
+  if [[ ! -f "$data/hospitals/$site/site.key" ]]; then
+    "${fedmusk[@]}" certs site-key "$data/hospitals/$site" --name "$site"
   fi
+  if [[ ! -f "$data/certs/sites/$site/site.pub" ]]; then
+    "${fedmusk[@]}" certs add-site "$data/certs" "$site" --public-key "$data/hospitals/$site/site.pub"
+  fi
+  cp "$data/certs/sites/$site/ca.crt" "$data/hospitals/$site/ca.crt"
 done
 
 # 3. each site's tile cache, with the configuration the coordinator runs (resumable: current caches are skipped).

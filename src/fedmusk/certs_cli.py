@@ -21,8 +21,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
-console = Console()
-err_console = Console(stderr=True)
+# emoji=False: rich would otherwise show a fingerprint's ":AB:" as an emoji, and operators compare them by phone
+console = Console(emoji=False)
+err_console = Console(stderr=True, emoji=False)
 
 CertDir = Annotated[Path, typer.Argument(help="The coordinator's certificate folder.")]
 Hosts = Annotated[
@@ -64,10 +65,11 @@ def init(
          f"{', '.join(certs.subject_alt_names(server))}")
     _say()
     _say(
-        f"Next: register each hospital with `fedmusk certs add-site {dir} NAME` (add --public-key site.pub when the "
-        f"hospital made its own key), start the federation with `fedmusk server CONFIG --certs {dir}` (it starts "
-        f"the SuperLink with TLS and registers every site key in {dir}/sites), and read the CA fingerprint to each hospital by phone so they can check their ca.crt. Keep {paths.ca_key} offline: "
-        "the SuperLink does not need it."
+        f"Next: register each hospital with `fedmusk certs add-site {dir} NAME --public-key site.pub` (the hospital "
+        "makes its key pair with `fedmusk certs site-key` and sends only site.pub), start the federation with "
+        f"`fedmusk server CONFIG --certs {dir}` (it starts the SuperLink with TLS behind its Fleet-only proxy and "
+        f"registers every site key in {dir}/sites), and read the CA fingerprint to each hospital by phone so they "
+        f"can check their ca.crt. Keep {paths.ca_key} offline: the SuperLink does not need it."
     )
     if force and (sites := certs.site_public_keys(dir)):
         _say(f"The CA changed: send each site its new ca.crt ({', '.join(f'sites/{n}/ca.crt' for n in sites)}).")
@@ -78,12 +80,28 @@ def add_site(
     dir: CertDir,
     name: Annotated[str, typer.Argument(help="The site's name (letters, digits, '_', '.', '-').")],
     public_key: Annotated[
-        Path | None,
-        typer.Option("--public-key", help="The site.pub the hospital sent; without it a key pair is made here."),
+        Path | None, typer.Option("--public-key", help="The site.pub the hospital made and sent (recommended).")
     ] = None,
+    generate_key_for_site: Annotated[
+        bool,
+        typer.Option(
+            "--generate-key-for-site",
+            help="Make the site's key pair here instead: its private key must then travel to the hospital.",
+        ),
+    ] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace the site's registered key.")] = False,
 ) -> None:
-    """Register a hospital's node key and write its bundle folder sites/NAME/ (with the CA certificate)."""
+    """Register a hospital's node key (its site.pub) and write its bundle folder sites/NAME/ (with the CA
+    certificate)."""
+    if (public_key is None) == (not generate_key_for_site):
+        err_console.print(
+            "error: give the hospital's public key with --public-key site.pub (the hospital makes it with "
+            "`fedmusk certs site-key`), or --generate-key-for-site to make its private key here"
+            if public_key is None
+            else "error: --public-key and --generate-key-for-site exclude each other",
+            markup=False, highlight=False, soft_wrap=True,
+        )  # fmt: skip
+        raise typer.Exit(2)
     site = _run(certs.add_site, dir, name, public_key=public_key, overwrite=force)
     ca = _run(certs.load_certificate, certs.CertPaths(dir).ca_cert)
     _say(f"registered site {name}: key fingerprint {site.fingerprint}")

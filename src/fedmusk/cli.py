@@ -262,6 +262,12 @@ def server(
         str, typer.Option(envvar="FEDMUSK_HOST", help="Address to serve on; 0.0.0.0 to serve other machines.")
     ] = "127.0.0.1",
     port: Annotated[int, typer.Option(envvar="FEDMUSK_PORT", help="The HTTPS port hospitals connect to.")] = 9092,
+    superlink_port: Annotated[
+        int | None,
+        typer.Option(
+            envvar="FEDMUSK_SUPERLINK_PORT", help="The SuperLink's own port, on 127.0.0.1 only [a free port]."
+        ),
+    ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the federation in --out from its last round.")] = False,
     dev_insecure: Annotated[
         bool, typer.Option("--dev-insecure", help="Development only: no TLS, no node authentication, loopback only.")
@@ -269,12 +275,13 @@ def server(
     tracking_uri: TrackingUri = None,
     experiment: Experiment = None,
 ) -> None:
-    """Coordinator: start a SuperLink (TLS, site authentication), run the federation, show its rounds."""
+    """Coordinator: start a SuperLink (TLS, site authentication) behind a proxy that publishes only its Fleet API,
+    run the federation, show its rounds."""
     from fedmusk.server.coordinator import CoordinatorSettings, RoundFailed, run_coordinator
 
     settings = CoordinatorSettings(
-        [config], _with_tracking(overrides, tracking_uri, experiment), certs=certs, state=state, out=out, host=host, port=port, resume=resume,
-        insecure=dev_insecure,
+        [config], _with_tracking(overrides, tracking_uri, experiment), certs=certs, state=state, out=out, host=host,
+        port=port, superlink_port=superlink_port, resume=resume, insecure=dev_insecure,
     )  # fmt: skip
     try:
         summary = _run(run_coordinator, settings, console)

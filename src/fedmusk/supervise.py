@@ -170,6 +170,65 @@ def _strip_ansi(text: str) -> str:
     return "".join(out)
 
 
+def write_pid_file(path: Path, pid: int) -> None:
+    """Record a child's pid (0600), so that the next start on the same state folder can stop it after a crash."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{pid}\n")
+
+
+def stop_stale_process(pid_file: Path, *markers: str, grace_s: float = 15.0) -> int | None:
+    """Stop the process group recorded in ``pid_file`` by an earlier run that crashed, if that process's command
+    line still contains every one of ``markers`` (so a pid reused by another program is left alone); the pid file is
+    removed either way. Returns the pid stopped, or None."""
+    try:
+        pid = int(pid_file.read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except (OSError, ValueError):
+        pid_file.unlink(missing_ok=True)
+        return None
+    stopped = None
+    if all(marker in cmdline for marker in markers):
+        stopped = pid
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                break
+            deadline = time.monotonic() + grace_s
+            while time.monotonic() < deadline and process_running(pid):
+                time.sleep(0.2)
+    pid_file.unlink(missing_ok=True)
+    return stopped
+
+
+def process_running(pid: int) -> bool:
+    """Whether ``pid`` exists and is not a zombie waiting for its parent to collect it."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def group_running(pgid: int) -> bool:
+    """Whether any process of process group ``pgid`` still runs (zombies do not count)."""
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat_file.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on right now (the kernel's choice)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
 def run_flower_cli(args: Sequence[str], env: Mapping[str, str], timeout_s: float = 60.0) -> subprocess.CompletedProcess:
     """One ``flwr`` command (captured output); raises TimeoutError naming the command when it hangs."""
     argv = [flower_executable("flwr"), *args]

@@ -89,14 +89,22 @@ class DaemonSettings:
 
 
 def run_daemon(settings: DaemonSettings, console: Console) -> int:
-    """Check the site, then run its SuperNode until stopped (SIGTERM/SIGINT: exit code 0).
+    """Check the site, then run its SuperNode and site worker until stopped (SIGTERM/SIGINT: exit code 0).
 
     Raises DaemonError (and ConfigError/CertError/SiteDataError) for what the operator must fix."""
-    site_root = settings.site_root.resolve()
-    host, port = _check_arguments(settings, site_root)
     # Everything the daemon, the SuperNode and the worker create (logs, runtime files, tile caches, FedSA's local
     # state) is readable by this account only.
-    os.umask(0o077)
+    previous = os.umask(0o077)
+    try:
+        return _run_daemon(settings, console)
+    finally:
+        os.umask(previous)
+
+
+def _run_daemon(settings: DaemonSettings, console: Console) -> int:
+    site_root = settings.site_root.resolve()
+    host, port = _check_arguments(settings, site_root)
+
     policy_path, settings_path = _check_site(settings, site_root, console)
     fingerprint = _check_credentials(settings, host, port, console)
 

@@ -1,22 +1,29 @@
 """``fedmusk server``: the coordinator's one command for a real federation.
 
 It checks the configuration and the certificate folder, starts Flower's SuperLink with TLS, SuperNode
-authentication and a persistent state database, registers every site key of the certificate folder, launches the
-federation (fedmusk's ServerApp, configured by the YAML) as a Flower run, shows round progress from the run's own
-``rounds.json`` and stops the SuperLink when the run ends. ``--resume`` starts the same federation again from its
-last checkpoint in the output folder (after a crash or a stop); the SuperLink database keeps the registered sites.
+authentication and a persistent state database on 127.0.0.1 only, publishes its Fleet API (and nothing else) on
+``--host``/``--port`` through a reverse proxy (``superlink`` runs both, ``fleet_proxy`` configures the proxy),
+registers every site key of the certificate folder, launches the federation (fedmusk's ServerApp, configured by the
+YAML) as a Flower run, shows round progress from the run's own ``rounds.json`` and stops the proxy and the SuperLink
+when the run ends. ``--resume`` starts the same federation again from its last checkpoint in the output folder
+(after a crash or a stop); the SuperLink database keeps the registered sites.
 
-The state folder (``--state``) holds ``superlink.db``, ``logs/superlink.log``, Flower's CLI home (``flower/``) and
-the app description Flower packages for each run (``app/pyproject.toml``: no code, the components are the installed
-fedmusk's, so a coordinator and a hospital run exactly the fedmusk they installed). Nothing in it is patient data:
-sites send only scrubbed metrics and masked adapter updates, and the coordinator never learns the sites' paths.
+The state folder (``--state``, 0700) holds ``superlink.db``, ``logs/superlink.log`` and ``logs/proxy.log``, the
+proxy's configuration (``proxy/caddy.json``), Flower's CLI home (``flower/``) and ``run-config.toml``. The run is
+submitted from a fresh temporary folder holding only a ``pyproject.toml`` (no code: the components are the installed
+fedmusk's, so a coordinator and a hospital run exactly the fedmusk they installed). Everything the coordinator and
+its children write is private to its user (umask 077). Nothing in it is patient data: sites send only scrubbed
+metrics and masked adapter updates, and the coordinator never learns the sites' paths.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import stat
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,24 +36,23 @@ from fedmusk.client.site_client import wire_run_config
 from fedmusk.config import ConfigError, FedMuskConfig, load_config
 from fedmusk.server.checkpoint import load_latest
 from fedmusk.server.rounds import CHECKPOINT_DIR, ROUNDS_FILE, RoundFailed, check_federation_config
-from fedmusk.supervise import (
-    LOOPBACK,
-    Child,
-    connect_host,
-    flower_env,
-    flower_executable,
-    port_open,
-    run_flower_cli,
+from fedmusk.server.superlink import (
+    CONNECTION,
+    INTERNAL_HOST,
+    PID_FILE,
+    PROXY_PID_FILE,
+    CoordinatorError,
+    check_port_free,
+    start_proxy,
+    start_superlink,
+    stop_run_processes,
+    stop_stale,
+    wait_until_serving,
 )
+from fedmusk.supervise import LOOPBACK, Child, flower_env, free_port, run_flower_cli, write_pid_file
 
-CONNECTION = "fedmusk"  # the name of the SuperLink connection in the state folder's Flower home
-STARTUP_TIMEOUT_S = 90.0
-PID_FILE = "superlink.pid"
+PRIVATE_UMASK = 0o077
 STATUS_POLL_S = 10.0  # seconds between `flwr list` checks of the run's status while rounds remain
-
-
-class CoordinatorError(Exception):
-    """Something the coordinator's operator must fix (settings, certificates, a SuperLink that does not start)."""
 
 
 @dataclass
@@ -56,8 +62,9 @@ class CoordinatorSettings:
     certs: Path | None = None
     state: Path = Path("fedmusk-coordinator")
     out: Path | None = None  # default: <state>/federation
-    host: str = "127.0.0.1"
-    port: int = 9092
+    host: str = "127.0.0.1"  # the public proxy's address
+    port: int = 9092  # the public proxy's port: the only one hospitals reach
+    superlink_port: int | None = None  # the SuperLink's own port on 127.0.0.1; None: a free one
     resume: bool = False
     insecure: bool = False  # development only: no TLS, no node authentication, loopback only
     poll_s: float = 2.0
@@ -74,28 +81,43 @@ def run_coordinator(settings: CoordinatorSettings, console: Console) -> dict[str
     federation itself failed (too few sites, a halted round), KeyboardInterrupt when stopped (SIGINT or SIGTERM)."""
     cfg = load_config(settings.config_files, settings.overrides)
     check_federation_config(cfg)
+    if settings.superlink_port is not None and settings.superlink_port == settings.port:
+        raise CoordinatorError(f"--superlink-port and --port are both {settings.port}: give the SuperLink another port")
     tls = _check_security(settings, console)
     out_dir = settings.out_dir
     _check_out_dir(out_dir, settings.resume, cfg.federation.pretrain_rounds + cfg.federation.rounds)
 
-    state = settings.state.resolve()
-    state.mkdir(parents=True, exist_ok=True, mode=0o700)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    env = flower_env({"FLWR_HOME": str(state / "flower")})
-    _write_flower_home(state / "flower", settings, tls)
-    app_dir = _write_app(state / "app")
-    run_config = _write_run_config(state / "run-config.toml", cfg, out_dir, settings.resume)
-
+    # Files the coordinator, the SuperLink, the ServerApp and the proxy create are its user's alone: the database
+    # (site keys, run records), checkpoints, rounds.json, the MLflow store, logs.
+    previous_umask = os.umask(PRIVATE_UMASK)
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-    _stop_stale_superlink(state, console)
-    superlink = _start_superlink(settings, state, tls, env)
-    (state / PID_FILE).write_text(f"{superlink.pid}\n")
+    children: list[Child] = []
+    superlink_port = None
+    state = settings.state.resolve()
     try:
-        _wait_until_serving(superlink, settings)
+        for folder in (state, out_dir):
+            _private_folder(folder, console)
+        _tighten_existing(state)
+        stop_stale(state, console)
+        check_port_free(settings.host, settings.port)
+        superlink_port = settings.superlink_port or free_port(INTERNAL_HOST)
+        env = flower_env({"FLWR_HOME": str(state / "flower")})
+        _write_flower_home(state / "flower", superlink_port, tls)
+        run_config = _write_run_config(state / "run-config.toml", cfg, out_dir, settings.resume)
+
+        superlink = start_superlink(superlink_port, state, tls, env)
+        children.append(superlink)
+        write_pid_file(state / PID_FILE, superlink.pid)
+        wait_until_serving(superlink, INTERNAL_HOST, superlink_port, "the SuperLink", "--superlink-port")
+        proxy = start_proxy(settings.host, settings.port, superlink_port, state, tls, env)
+        children.append(proxy)
+        write_pid_file(state / PROXY_PID_FILE, proxy.pid)
+        wait_until_serving(proxy, settings.host, settings.port, "the public proxy", "--port")
         if tls is not None:
             _register_sites(tls["sites"], env, console)
-        run_id = _launch(app_dir, run_config, env)
-        (out_dir / "deployment.json").write_text(
+        run_id = _launch(run_config, env)
+        _write_private(
+            out_dir / "deployment.json",
             json.dumps({"flower_run_id": run_id, "resumed": settings.resume, "started": time.time()}, indent=1)
         )
         console.print(
@@ -103,7 +125,7 @@ def run_coordinator(settings: CoordinatorSettings, console: Console) -> dict[str
             f"{cfg.federation.pretrain_rounds + cfg.federation.rounds} rounds, strategy {cfg.federation.strategy}, "
             f"secure aggregation {'on' if cfg.federation.secure_aggregation else 'off'}; results in {out_dir}"
         )
-        status = _follow(run_id, superlink, cfg, out_dir, env, settings.poll_s, console)
+        status = _follow(run_id, children, cfg, out_dir, env, settings.poll_s, console)
         if status != "finished:completed":
             hint = (
                 "after fixing the cause, continue with --resume"
@@ -113,9 +135,14 @@ def run_coordinator(settings: CoordinatorSettings, console: Console) -> dict[str
             raise RoundFailed(f"{_failure_reason(run_id, status, env)}; {hint}")
         return _summary(out_dir, run_id)
     finally:
-        superlink.stop()
-        (state / PID_FILE).unlink(missing_ok=True)
+        for child in reversed(children):  # the proxy first: no new Fleet calls reach a SuperLink that is stopping
+            child.stop()
+        if children:
+            stop_run_processes(superlink_port)  # the ServerApp runs in a session of its own
+        for name in (PROXY_PID_FILE, PID_FILE):
+            (state / name).unlink(missing_ok=True)
         signal.signal(signal.SIGTERM, previous)
+        os.umask(previous_umask)
 
 
 def _raise_interrupt(signum, frame):  # noqa: ARG001 - signal handler signature
@@ -141,6 +168,12 @@ def _check_security(settings: CoordinatorSettings, console: Console) -> dict[str
         raise CoordinatorError("--certs is required: the folder made by `fedmusk certs init` (or use --dev-insecure)")
     certs = settings.certs.resolve()  # the SuperLink runs in the state folder
     paths = check_server_files(certs, host=settings.host)
+    check_server_files(certs, host=INTERNAL_HOST)  # the proxy and `flwr` dial the SuperLink there
+    if paths.ca_key.exists():
+        console.print(
+            f"[bold yellow]warning:[/] {paths.ca_key} is on this server: the coordinator does not need the CA key; "
+            "keep it offline", highlight=False,
+        )  # fmt: skip
     sites = site_public_keys(certs)
     if not sites:
         raise CoordinatorError(
@@ -166,16 +199,43 @@ def _check_out_dir(out_dir: Path, resume: bool, total_rounds: int) -> None:
         )
 
 
-def _write_flower_home(home: Path, settings: CoordinatorSettings, tls: dict[str, Any] | None) -> None:
-    """The Flower CLI's configuration: one SuperLink connection, to the SuperLink this command starts."""
+def _private_folder(folder: Path, console: Console) -> None:
+    """Create ``folder`` readable by this user only; an existing one is tightened to 0700 where this user may."""
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if stat.S_IMODE(folder.stat().st_mode) & 0o077:
+        try:
+            folder.chmod(0o700)
+        except OSError:  # a mount point owned by someone else: say so, the files in it are still 0600
+            console.print(f"[yellow]warning:[/] {folder} is readable by other users and could not be made private")
+
+
+def _tighten_existing(state: Path) -> None:
+    """Files an earlier version of the coordinator left readable by others become private now (new files are private
+    from creation: umask 077)."""
+    for name in ("superlink.db", "superlink.db-wal", "superlink.db-shm", "run-config.toml", "flower/config.toml"):
+        if (state / name).is_file():
+            (state / name).chmod(0o600)
+
+
+def _write_private(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` with mode 0600, also when the file existed with a wider mode."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    return path
+
+
+def _write_flower_home(home: Path, superlink_port: int, tls: dict[str, Any] | None) -> None:
+    """The Flower CLI's configuration: one connection, to the SuperLink on loopback (never through the proxy)."""
     home.mkdir(parents=True, exist_ok=True, mode=0o700)
     lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]"]
-    lines.append(f'address = "{connect_host(settings.host)}:{settings.port}"')
+    lines.append(f'address = "{INTERNAL_HOST}:{superlink_port}"')
     if tls is None:
         lines.append("insecure = true")
     else:
         lines.append(f'root-certificates = "{Path(tls["paths"].ca_cert).resolve()}"')
-    (home / "config.toml").write_text("\n".join(lines) + "\n")
+    _write_private(home / "config.toml", "\n".join(lines) + "\n")
 
 
 def _write_app(app_dir: Path) -> Path:
@@ -225,61 +285,7 @@ def _write_run_config(path: Path, cfg: FedMuskConfig, out_dir: Path, resume: boo
     return path
 
 
-# -- the SuperLink -----------------------------------------------------------------------------------------------
-
-
-def _start_superlink(
-    settings: CoordinatorSettings, state: Path, tls: dict[str, Any] | None, env: dict[str, str]
-) -> Child:
-    argv = [flower_executable("flower-superlink")]
-    if tls is None:
-        argv.append("--insecure")
-    else:
-        p = tls["paths"]
-        argv += [
-            "--ssl-ca-certfile", str(p.ca_cert), "--ssl-certfile", str(p.server_cert),
-            "--ssl-keyfile", str(p.server_key), "--enable-supernode-auth",
-        ]  # fmt: skip
-    argv += [
-        "--database", str(state / "superlink.db"), "--disable-runtime-dependency-installation",
-        "--host", settings.host, "--port", str(settings.port),
-    ]  # fmt: skip
-    return Child("superlink", argv, state / "logs" / "superlink.log", env=env, cwd=state)
-
-
-def _stop_stale_superlink(state: Path, console: Console) -> None:
-    """Stop the SuperLink (and the ServerApp under it) that a crashed earlier coordinator left running on this state
-    folder, so the database and port are free; a process that is not that SuperLink is left alone."""
-    pid_file = state / PID_FILE
-    try:
-        pid = int(pid_file.read_text().strip())
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except (OSError, ValueError):
-        pid_file.unlink(missing_ok=True)
-        return
-    if "flower-superlink" in cmdline and str(state / "superlink.db") in cmdline:
-        console.print(f"[yellow]stopping the SuperLink (pid {pid}) left running by an earlier coordinator[/]")
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(pid, sig)
-            except (ProcessLookupError, PermissionError):
-                break
-            deadline = time.monotonic() + 15
-            while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
-                time.sleep(0.2)
-    pid_file.unlink(missing_ok=True)
-
-
-def _wait_until_serving(superlink: Child, settings: CoordinatorSettings) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if not superlink.alive():
-            last = " | ".join(line for line in superlink.tail(5) if line.strip())
-            raise CoordinatorError(f"the SuperLink stopped at start (exit {superlink.returncode}): {last}")
-        if port_open(settings.host, settings.port) and superlink.saw("Application startup complete"):
-            return
-        time.sleep(0.5)
-    raise CoordinatorError(f"the SuperLink did not open port {settings.port} within {STARTUP_TIMEOUT_S:g} s")
+# -- sites and the run --------------------------------------------------------------------------------------------
 
 
 def _register_sites(sites: dict[str, Path], env: dict[str, str], console: Console) -> None:
@@ -298,8 +304,17 @@ def _register_sites(sites: dict[str, Path], env: dict[str, str], console: Consol
             raise CoordinatorError(f"could not register site {name}'s key with the SuperLink: {reason}")
 
 
-def _launch(app_dir: Path, run_config: Path, env: dict[str, str]) -> str:
-    done = run_flower_cli(["run", str(app_dir), CONNECTION, "--run-config", str(run_config), "--format", "json"], env)
+def _launch(run_config: Path, env: dict[str, str]) -> str:
+    """Submit the federation as a Flower run. The bundle is packed from a fresh private folder holding only the app
+    description, so nothing else (stray files, code) can travel in it; the folder is removed afterwards."""
+    app_dir = Path(tempfile.mkdtemp(prefix="fedmusk-app-"))  # 0700
+    try:
+        _write_app(app_dir)
+        done = run_flower_cli(
+            ["run", str(app_dir), CONNECTION, "--run-config", str(run_config), "--format", "json"], env
+        )
+    finally:
+        shutil.rmtree(app_dir, ignore_errors=True)
     answer = _json_answer(done.stdout)
     if not answer.get("success") or "run-id" not in answer:
         reason = answer.get("error-message") or (done.stderr or done.stdout).strip()[-300:]
@@ -319,7 +334,7 @@ def _json_answer(stdout: str) -> dict[str, Any]:
 
 
 def _follow(
-    run_id: str, superlink: Child, cfg: FedMuskConfig, out_dir: Path, env: dict[str, str], poll_s: float,
+    run_id: str, children: list[Child], cfg: FedMuskConfig, out_dir: Path, env: dict[str, str], poll_s: float,
     console: Console,
 ) -> str:
     """Show the rounds as ``rounds.json`` records them until the run finishes; returns Flower's final status."""
@@ -331,10 +346,12 @@ def _follow(
         task = progress.add_task("rounds", total=total, last="")
         last_status_check = 0.0
         while True:
-            if not superlink.alive():
-                raise CoordinatorError(
-                    f"the SuperLink stopped during the run (exit {superlink.returncode}); see its log, then --resume"
-                )
+            for child in children:
+                if not child.alive():
+                    raise CoordinatorError(
+                        f"the {'SuperLink' if child.name == 'superlink' else 'public proxy'} stopped during the run "
+                        f"(exit {child.returncode}); see logs/{child.name}.log in the state folder, then --resume"
+                    )
             records = _read_rounds(out_dir)
             for record in records[shown:]:
                 line = _round_line(record)
@@ -400,7 +417,7 @@ def _summary(out_dir: Path, run_id: str) -> dict[str, Any]:
         "adapter": str(out_dir / "adapter"),
         "out_dir": str(out_dir),
     }
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    _write_private(out_dir / "summary.json", json.dumps(summary, indent=1, default=str))
     return summary
 
 
