@@ -42,7 +42,8 @@ federation: {rounds: %d, pretrain_rounds: 0, local_epochs: 1, min_sites: 3, min_
              wait_for_sites_s: 240, reply_timeout_s: 300}
 """
 GOAL_ROUND_S = 20.0
-MESSAGE = re.compile(r"fedmusk-worker: (train|evaluate) message: completed in ([0-9.]+) s")
+MESSAGE = re.compile(r"fedmusk-worker: (train|evaluate) message: completed in ([0-9.]+) s \(([^)]*)\)")
+STEP = re.compile(r"(\w+) ([0-9.]+) s")
 
 
 def free_port() -> int:
@@ -100,13 +101,16 @@ def deployed(root: Path, sites: list[Path], config: Path, env: dict[str, str], t
     if code != 0:
         raise RuntimeError(f"the deployed federation failed (exit {code}):\n{(root / 'server.log').read_text()[-3000:]}")
     per_message: dict[str, list[float]] = {"train": [], "evaluate": []}
+    steps: dict[str, dict[str, list[float]]] = {"train": {}, "evaluate": {}}
     builds = {}
     for name in SITES:
         text = (root / f"{name}.log").read_text(errors="replace")
-        for kind, seconds in MESSAGE.findall(text):
+        for kind, seconds, laps in MESSAGE.findall(text):
             per_message[kind].append(float(seconds))
+            for step, step_s in STEP.findall(laps):
+                steps[kind].setdefault(step, []).append(float(step_s))
         builds[name] = text.count("outcome model built")
-    return {"rounds_s": round_seconds(out), "per_message_s": per_message, "model_builds": builds}
+    return {"rounds_s": round_seconds(out), "per_message_s": per_message, "steps_s": steps, "model_builds": builds}
 
 
 def simulated(root: Path, sites: list[Path], config: Path, env: dict[str, str], timeout_s: float) -> dict:
@@ -158,7 +162,11 @@ def main(argv=None) -> int:
         "goal_met": d["later_median"] is not None and d["later_median"] <= GOAL_ROUND_S,
         "builds_goal_met": all(n == 1 for n in dep["model_builds"].values()), "wall_s": wall,
     }  # fmt: skip
-    med = {k: statistics.median(v) if v else None for k, v in dep["per_message_s"].items()}
+    med = {k: f"{statistics.median(v):.2f} s" if v else "n/a" for k, v in dep["per_message_s"].items()}
+    steps = {
+        kind: ", ".join(f"{step} {statistics.median(v):.2f} s" for step, v in per_step.items())
+        for kind, per_step in dep["steps_s"].items()
+    }  # fmt: skip
     table = "\n".join([
         "| | first round (s) | later rounds, median (s) |", "|---|---|---|",
         f"| deployed (TLS, proxy, 3 daemons) | {d['first']:.1f} | {d['later_median']:.1f} |",
@@ -166,7 +174,8 @@ def main(argv=None) -> int:
         "",
         f"Deployed / simulated, later rounds: {ratio:.2f}x. Goal: a deployed round in at most {GOAL_ROUND_S:g} s: "
         f"{'met' if report['goal_met'] else 'NOT met'} ({d['later_median']:.1f} s).",
-        f"Site worker seconds per message (median): train {med['train']}, evaluate {med['evaluate']}; "
+        f"Site worker seconds per message (median): train {med['train']} ({steps['train']}), "
+        f"evaluate {med['evaluate']} ({steps['evaluate']}); "
         f"model builds per site: {dep['model_builds']} "
         f"({'one per run: met' if report['builds_goal_met'] else 'NOT one per run'}).",
         f"Load average {load_before[0]:.1f} before, {report['load_after'][0]:.1f} after; {wall / 60:.1f} min in all.",

@@ -147,9 +147,10 @@ class SiteWorker:
         heartbeat.start()
         message = context = reply = None
         outcome, details = "failed", "the site worker could not read the task"
-        started = time.monotonic()
+        clock = _Stopwatch()
         try:
             message, context, run, fab = pull_task_input(client)
+            clock.lap("pull")
             log.info("%s message of run %s received", message.metadata.message_type, run.run_id)
             problems = bundle_problems(fab.content)
             if problems:
@@ -161,6 +162,7 @@ class SiteWorker:
             else:
                 reply = self.app(message=message, context=context)
                 outcome, details = "completed", ""
+            clock.lap("fedmusk")
         except Exception as err:  # noqa: BLE001 - every failure becomes a scrubbed reply, never a crash
             details = scrubbed_reason(err, None if context is None else context.node_config)
             log.error("task failed: %s", details)
@@ -171,16 +173,38 @@ class SiteWorker:
             try:
                 if reply is not None and context is not None:
                     push_message(client, reply, context)
+                    clock.lap("push")
             except Exception as err:  # noqa: BLE001 - the SuperNode went away: the coordinator sees no reply
                 log.error("could not hand the reply to the SuperNode (%s)", type(err).__name__)
                 outcome = "failed"
             status = SubStatus.COMPLETED if outcome == "completed" else SubStatus.FAILED
             push_task_output(client=client, context=context, sub_status=status, details=details)
+            clock.lap("close")
             client.close()
         self.tasks += 1
         kind = message.metadata.message_type if message is not None else "?"
-        log.info("%s message: %s in %.1f s", kind, outcome, time.monotonic() - started)
+        log.info("%s message: %s in %.2f s (%s)", kind, outcome, clock.total, clock.laps())
         return outcome
+
+
+class _Stopwatch:
+    """Seconds spent in each step of a task, for the log: where a message's time goes."""
+
+    def __init__(self):
+        self.started = self._last = time.monotonic()
+        self._laps: list[tuple[str, float]] = []
+
+    def lap(self, name: str) -> None:
+        now = time.monotonic()
+        self._laps.append((name, now - self._last))
+        self._last = now
+
+    @property
+    def total(self) -> float:
+        return self._last - self.started
+
+    def laps(self) -> str:
+        return ", ".join(f"{name} {seconds:.2f} s" for name, seconds in self._laps)
 
 
 class _Heartbeat:
