@@ -29,6 +29,7 @@ class ModelConfig:
     img_size: int | None = None  # None: the preset's size
     max_text_len: int = 100
     ms_aug: bool = False  # multi-scale (1x + 2x) tile features for MIL
+    precision: str = "auto"  # "auto" (bf16 where the hardware has it), "float32" or "bfloat16"; see precision.py
 
 
 @dataclass

@@ -18,11 +18,16 @@ class FeatureStore:
     """Per-slide tile features of a frozen base MUSK, loaded from the sites' caches (prepared on demand).
 
     With ``base_model=None`` only the tile grids are prepared (end-to-end training reads pixels live).
+    ``precision`` ("float32" or "bfloat16", resolved) is the embedding's compute precision.
     """
 
-    def __init__(self, base_model, tiling: TilingSettings, ms_aug: bool, batch_size: int = 32, progress=None):
+    def __init__(
+        self, base_model, tiling: TilingSettings, ms_aug: bool, batch_size: int = 32, progress=None,
+        precision: str = "float32",
+    ):  # fmt: skip
         self.model, self.tiling, self.ms_aug, self.batch_size = base_model, tiling, ms_aug, batch_size
-        self.fingerprint = model_fingerprint(base_model, ms_aug, tiling)
+        self.precision = precision if base_model is not None else "float32"
+        self.fingerprint = model_fingerprint(base_model, ms_aug, tiling, self.precision)
         self.progress = progress
         self._features: dict[tuple[Path, str], torch.Tensor] = {}
 
@@ -34,7 +39,8 @@ class FeatureStore:
             return
         transform = musk_transform(self.model.config.img_size) if self.model is not None else None
         result = prepare_site(
-            site_root, stale, self.tiling, self.model, transform, self.batch_size, self.ms_aug, progress=self.progress
+            site_root, stale, self.tiling, self.model, transform, self.batch_size, self.ms_aug, progress=self.progress,
+            precision=self.precision,
         )
         if result.failed:
             slide, reason = result.failed[0]
