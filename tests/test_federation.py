@@ -21,6 +21,7 @@ from fedmusk.client.site_client import (
     AdapterLayout,
     SiteAddress,
     SiteClient,
+    phase_round,
     round_seed,
     secure_weight,
     secure_weight_cap,
@@ -120,7 +121,7 @@ def site_updates(clients, global_state, round, federation_id, secure):
     updates = []
     for site in clients:
         reply = site.fit(global_state, round, federation_id)
-        layout = site.layout.update_layout(site.cfg.federation.strategy, secure)
+        layout = site.layout.update_layout(site.cfg.federation.strategy, secure, phase_round(site.cfg, round))
         updates.append(layout.from_arrays(reply.arrays))
     return updates
 
@@ -245,6 +246,58 @@ def test_ffa_lora_aggregate_is_the_exact_mean_of_the_sites_updates(cohort, tmp_p
         torch.testing.assert_close(aggregated[layer], value, rtol=0, atol=1e-6)
 
 
+def rolora_rounds(cfg, out, cohort, tmp_path):
+    """Per round of a finished RoLoRA federation in ``out``: (round, factor, previous global, global after, the
+    sites' updates recomputed outside Flower, their training cases)."""
+    clients = site_clients(config("federation.strategy=rolora", "federation.secure_aggregation=false"), cohort, tmp_path)
+    previous = initial_adapter_state(cfg)
+    for rnd, factor in ((1, "B"), (2, "A")):
+        ckpt = load_round(out / "checkpoints", rnd)
+        updates = site_updates(clients, previous, rnd, ckpt.extra["federation_id"], secure=False)
+        cases = [site.session.num_train_cases for site in clients]
+        yield rnd, factor, previous, ckpt, updates, cases
+        previous = ckpt.global_state
+
+
+def test_rolora_aggregate_is_the_exact_mean_of_the_sites_products_in_b_and_in_a_rounds(cohort, tmp_path, tracked):
+    cfg = tracked("federation.strategy=rolora", "federation.secure_aggregation=false")  # 2 rounds: B, then A
+    out = tmp_path / "rolora"
+    simulate(cfg, cohort, out)
+    for rnd, factor, previous, ckpt, updates, cases in rolora_rounds(cfg, out, cohort, tmp_path):
+        fid = ckpt.extra["federation_id"]
+        for root, update in zip(cohort, updates):  # the same updates the sites sent: this round's factor only
+            assert sent_hashes(root, fid, rnd) == {n: tensor_record(n, t)["sha256"] for n, t in update.items()}
+            lora = [n for n in update if ".lora_" in n]
+            assert lora and all(f".lora_{factor}." in n for n in lora), (rnd, lora[:2])
+        other = ".lora_A." if factor == "B" else ".lora_B."
+        assert all(torch.equal(ckpt.global_state[n], v) for n, v in previous.items() if other in n)
+        site_products = [lora_products({**previous, **{k: previous[k] + u[k] for k in u}}) for u in updates]
+        exact = weighted_mean(site_products, cases)  # the mean of the sites' B_i @ A (round 1), B @ A_i (round 2)
+        aggregated = lora_products(ckpt.global_state)
+        assert any(bool(v.abs().sum() > 0) for v in exact.values())
+        for layer, value in exact.items():
+            torch.testing.assert_close(aggregated[layer], value, rtol=0, atol=1e-6)
+
+
+def test_rolora_under_secagg_equals_the_plain_mean_of_the_rounds_factor(cohort, tmp_path, tracked):
+    cfg = tracked("federation.strategy=rolora", "federation.secure_aggregation=true")
+    out = tmp_path / "rolora-secure"
+    summary = simulate(cfg, cohort, out)
+    assert summary["rounds_completed"] == 2
+    fed = cfg.federation
+    step = 2 * fed.secagg_clipping_range / fed.secagg_quantization_range
+    for rnd, factor, previous, ckpt, updates, cases in rolora_rounds(cfg, out, cohort, tmp_path):
+        mean = weighted_mean(updates, cases)
+        mean_w = sum(secure_weight(n, secure_weight_cap(cfg), dp=False) for n in cases) / len(cases)
+        assert {n for n in mean if ".lora_" in n} and all(f".lora_{factor}." in n for n in mean if ".lora_" in n)
+        for name, value in ckpt.global_state.items():
+            if name not in mean:
+                assert torch.equal(value, previous[name]), name  # the other factor did not move
+                continue
+            bound = (step + mean[name].abs() * step) / (mean_w - step) + 1e-6
+            assert bool(((value - previous[name] - mean[name]).abs() <= bound).all()), f"round {rnd}: {name}"
+
+
 def test_a_refusing_site_drops_out_and_too_few_replies_fail_the_round(cohort, tmp_path, tracked):
     sites = tmp_path / "sites"
     roots = [Path(shutil.copytree(root, sites / root.name)) for root in cohort]
@@ -336,6 +389,7 @@ def test_federation_settings_that_cannot_work_are_refused_before_any_round():
         (["federation.secagg_num_shares=4"], "odd"),
         (["federation.robust=median"], "SecAgg"),
         (["federation.strategy=ffa"], "train.lora.ffa"),
+        (["federation.strategy=rolora", "train.lora.ffa=true"], "train.lora.ffa=false"),
         (["federation.dp_noise_multiplier=1.0"], "dp_clip"),
         (["federation.min_replies=4"], "min_replies"),
     ]:

@@ -96,7 +96,8 @@ class TrainConfig:
 class FederationConfig:
     """Rounds as the coordinator runs them. The site's own egress policy is a separate file the site controls."""
 
-    strategy: str = "fedit"  # "fedit" (FedAvg of A and B), "ffa" (FFA-LoRA), "fedsa" (FedSA-LoRA: B stays local)
+    strategy: str = "fedit"  # "fedit" (FedAvg of A and B), "ffa" (FFA-LoRA), "fedsa" (FedSA-LoRA: B stays local),
+    # "rolora" (RoLoRA: odd rounds of a phase train and send only B, even rounds only A; exact, also under SecAgg+)
     rounds: int = 3
     pretrain_rounds: int = 0  # continued-pretraining rounds before the outcome rounds
     local_epochs: int = 1
