@@ -359,6 +359,27 @@ def test_checkpoint_of_other_optimiser_or_hyper_parameters_is_refused():
         build_server_optimizer("fedavgm", beta1=0.9)
 
 
+def test_server_optimizer_moves_only_the_tensors_of_a_partial_round_and_keeps_the_others_moments():
+    opt = build_server_optimizer("fedavgm", eta=1.0)
+    opt.expect(["a", "b"])
+    state = {"a": torch.zeros(2), "b": torch.zeros(2)}
+    state = opt.step(state, {"b": torch.ones(2)})  # a RoLoRA round that moves B only
+    assert torch.equal(state["a"], torch.zeros(2)) and torch.equal(state["b"], torch.ones(2))
+    state = opt.step(state, {"a": torch.ones(2)})
+    assert torch.equal(state["b"], torch.ones(2))  # B's momentum does not move B in an A round
+    resumed = build_server_optimizer("fedavgm", eta=1.0)
+    resumed.load_state_dict(io_round_trip(opt.state_dict()))
+    with pytest.raises(ValueError, match="undeclared"):
+        resumed.step(state, {"c": torch.ones(2)})
+
+
+def io_round_trip(obj):
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
 def test_server_optimizer_refuses_a_changed_tensor_set():
     opt = build_server_optimizer("fedadam")
     opt.step({"a": torch.zeros(1), "b": torch.zeros(1)}, {"a": torch.ones(1)})

@@ -219,6 +219,24 @@ def test_resume_continues_exactly_where_an_uninterrupted_run_would_be(secure_run
         simulate(cfg, cohort, out)  # a finished federation's folder is not silently overwritten
 
 
+def test_masked_vectors_packed_as_uint32_give_the_bit_identical_aggregate_at_4_bytes_a_value(
+    secure_run, cohort, tmp_path, tracked
+):
+    cfg, _, packed = secure_run
+    out = tmp_path / "int64"
+    flower = simulate(tracked("federation.secure_aggregation=true", "federation.secagg_packed=false"), cohort, out)
+    for rnd in (1, 2):  # Flower's own int64 upload and fedmusk's uint32 one: the same global adapter, bit for bit
+        reference = load_round(out / "checkpoints", rnd).global_state
+        ours = load_round(Path(packed["checkpoint"]).parent, rnd).global_state
+        assert all(torch.equal(ours[name], value) for name, value in reference.items())
+    # the bytes counted on the wire differ by exactly 4 bytes per masked value (the update, fedmusk's weight and
+    # Flower's weight factor), per site and round
+    layout = AdapterLayout.of(initial_adapter_state(cfg)).update_layout("fedit", secure=True)
+    values = sum(int(torch.Size(s).numel()) for s in layout.shapes) + 1
+    for ours, reference in zip(packed["rounds"], flower["rounds"]):
+        assert reference["bytes_up_per_client"] - ours["bytes_up_per_client"] == 4 * values
+
+
 def test_ffa_lora_aggregate_is_the_exact_mean_of_the_sites_updates(cohort, tmp_path, tracked):
     cfg = tracked("federation.strategy=ffa", "train.lora.ffa=true", "federation.secure_aggregation=false",
                  "federation.rounds=1")  # fmt: skip

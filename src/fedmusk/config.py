@@ -107,6 +107,7 @@ class FederationConfig:
     secagg_clipping_range: float = 1.0  # weighted updates must stay within +-this (adapter deltas are far smaller)
     secagg_weight_cap: int = 1024  # training cases that give a site full weight; set near the sites' real sizes
     secagg_quantization_range: int = 4194304
+    secagg_packed: bool = True  # masked vector uploaded as uint32 (4 bytes a value), not Flower's int64; same sum
     fraction: float = 1.0  # share of connected sites asked each round
     min_sites: int = 2  # sites that must be connected before a round starts
     min_replies: int = 2  # fewer replies and the round fails loudly

@@ -329,7 +329,9 @@ class RoundController:
 
     def _set_shared_names(self) -> None:
         shared = SHARED_ROLES[self.fed.strategy]
-        self.shared_names = sorted(n for n in self.global_state if tensor_role(n) in shared)  # what a round moves
+        self.shared_names = sorted(n for n in self.global_state if tensor_role(n) in shared)  # what rounds move
+        if self.fed.strategy == "rolora":
+            self.optimizer.expect(self.shared_names)  # each round moves one factor of them (round_names)
 
     def wait_for_sites(
         self,
