@@ -498,7 +498,8 @@ def md_bytes(b: dict, sec: dict | None) -> list[str]:
              "SecAgg+.", "",
              "| configuration | values up | up MB plain / SecAgg+ | down MB | up % of full model plain / SecAgg+ "
              "| goal (<= 0.5%) plain / SecAgg+ | up + down % of full fine-tuning plain / SecAgg+ | less communication "
-             "plain / SecAgg+ | SecAgg+ up MB as Flower's int64 |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "plain / SecAgg+ | SecAgg+ up MB as Flower's int64 |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     verdict = lambda f: "met" if f <= GOAL_UP_FRACTION else "NOT met"  # noqa: E731
     for v in b["variants"]:
         lines.append(f"| {v['variant']} | {v['values_up']:,} | {_mb(v['up_plain'])} / {_mb(v['up_secure'])} | "

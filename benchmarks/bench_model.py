@@ -405,7 +405,8 @@ def main(argv=None) -> int:
     parser.add_argument("--min-sample-s", type=float, default=0.5, help="loop small models to last this long")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--prototypes", action="store_true", help="also time prototype speed-ups (fused q/k/v)")
-    parser.add_argument("--precisions", default="float32", help="float32, or float32,auto (fedmusk at model.precision=auto too)")
+    parser.add_argument("--precisions", default="float32",
+                        help="float32, or float32,auto (fedmusk at model.precision=auto too)")  # fmt: skip
     parser.add_argument("--out-dir", type=Path, default=HERE / "results")
     parser.add_argument("--memory-probe", nargs=3, metavar=("CONFIG", "IMPL", "MODALITY"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

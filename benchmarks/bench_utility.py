@@ -6,8 +6,8 @@ every seed), prepared once (``fedmusk prepare``: tiles and frozen-MUSK tile feat
 configs/demo.yaml (tiny MUSK, cached features, SecAgg+):
 
 - centralized: ``run_train`` on every site's training cases pooled;
-- federated: ``run_simulation_from_config`` with FedIT, FFA-LoRA, FedSA-LoRA and RoLoRA (each simulation in a child process
-  with its own Ray, its process tree stopped afterwards);
+- federated: ``run_simulation_from_config`` with FedIT, FFA-LoRA, FedSA-LoRA and RoLoRA (each simulation in a child
+  process with its own Ray, its process tree stopped afterwards);
 - each site alone: ``run_train`` on one site, tested on its own test cases.
 
 Every model is tested on the pooled test cases and on each site's test cases. Across seeds: mean and 95% t-interval,

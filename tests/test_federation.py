@@ -267,7 +267,8 @@ def test_ffa_lora_aggregate_is_the_exact_mean_of_the_sites_updates(cohort, tmp_p
 def rolora_rounds(cfg, out, cohort, tmp_path):
     """Per round of a finished RoLoRA federation in ``out``: (round, factor, previous global, global after, the
     sites' updates recomputed outside Flower, their training cases)."""
-    clients = site_clients(config("federation.strategy=rolora", "federation.secure_aggregation=false"), cohort, tmp_path)
+    plain = config("federation.strategy=rolora", "federation.secure_aggregation=false")
+    clients = site_clients(plain, cohort, tmp_path)
     previous = initial_adapter_state(cfg)
     for rnd, factor in ((1, "B"), (2, "A")):
         ckpt = load_round(out / "checkpoints", rnd)

@@ -11,7 +11,8 @@ from fedmusk.secagg_wire import pack_masked_vector, restore_masked_vector
 
 def reply(arrays) -> RecordDict:
     """A SecAgg+ reply's content as secaggplus_mod builds it: the masked vector as .npy bytes of int64 arrays."""
-    return RecordDict({RECORD_KEY_CONFIGS: ConfigRecord({Key.MASKED_PARAMETERS: [ndarray_to_bytes(a) for a in arrays]})})
+    masked_vector = [ndarray_to_bytes(a) for a in arrays]
+    return RecordDict({RECORD_KEY_CONFIGS: ConfigRecord({Key.MASKED_PARAMETERS: masked_vector})})
 
 
 def masked(content: RecordDict) -> list[bytes]:

@@ -5,8 +5,9 @@ The cache lives inside the site (``<site_root>/.fedmusk/``) and never leaves it.
 atomically and records the tile coordinates and a fingerprint of everything that shaped its features (model weights,
 image size, multi-scale flag, tiling settings), so a killed prepare resumes where it stopped and a stale cache is
 detected instead of silently reused. The compute precision of the embedding (``model.precision``, see
-``fedmusk.precision``) is part of that fingerprint: bf16 features are not float32 features. It also records a fingerprint of the tiling alone: a tiles-only prepare keeps
-an entry whose tiles are current (with whatever features it holds), and an embedding run reuses its coordinates.
+``fedmusk.precision``) is part of that fingerprint: bf16 features are not float32 features. It also records a
+fingerprint of the tiling alone: a tiles-only prepare keeps an entry whose tiles are current (with whatever features
+it holds), and an embedding run reuses its coordinates.
 
 Tiles can be read by DataLoader worker processes (``num_workers > 0``): each worker opens the slide itself, and the
 batches arrive in grid order whatever the number of workers, so features do not depend on it.
