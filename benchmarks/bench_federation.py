@@ -62,7 +62,7 @@ TINY_OVERRIDES = [
 # The vision expert's LoRA can learn only from tiles run through MUSK: the "both experts" rows train end to end.
 BOTH = ["train.lora.experts=[A,B]", "train.features=end2end"]
 VARIANTS = {
-    "defaults": ("configs/musk-large.yaml as it is (FedIT, LoRA r8 q/k/v/out, language expert, cached tiles)",
+    "defaults": ("configs/musk-large.yaml defaults (FedIT, LoRA r8 q/k/v/out, language expert, cached tiles)",
                  "fedit", []),
     "fedit-both": ("FedIT, both experts (end-to-end tiles)", "fedit", BOTH),
     "fedit-language": ("FedIT, language expert only", "fedit", ["train.lora.experts=[B]"]),

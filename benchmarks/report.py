@@ -22,6 +22,8 @@ REPO = HERE.parent
 LINK = "benchmarks/results"  # how the README reaches results/
 
 GOAL_MODEL_SPEEDUP = 1.3
+GOAL_AUTO_SPEEDUP = 2.0  # model.precision=auto (bf16 where the CPU has it) against the float32 reference
+GOAL_AUTO_COSINE = 0.999
 GOAL_LOADER_RATIO = 2.0
 GOAL_UP_FRACTION = 0.005
 GOAL_SECAGG = 0.15
@@ -99,6 +101,12 @@ def model(page: Page, d: dict | None) -> None:
             lines.append(f"| {r['config']} | {modality} | {rates}"
                          f" | {t['speedup']:.2f}x / {t['speedup_paired']:.2f}x / {t['speedup_cpu']:.2f}x | {diff:.1e} "
                          f"| {peak} |")  # fmt: skip
+            if "fedmusk_auto" in t:  # the same model at model.precision=auto, against the float32 reference
+                cos = r["auto_vs_float32"]["vision_min_cosine" if key == "image" else "language_min_cosine"]
+                lines.append(f"| {r['config']}, precision auto ({r['auto_resolves_to']}) | {modality} | "
+                             f"{_num(t['fedmusk_auto']['median'])} | {_num(t['reference']['median'])} | "
+                             f"{t['speedup_fedmusk_auto']:.2f}x / {t['speedup_paired_fedmusk_auto']:.2f}x / "
+                             f"{t['speedup_cpu_fedmusk_auto']:.2f}x | min cosine to float32 {cos:.5f} | - |")  # fmt: skip
     page.sections.append(lines + ["", f"Details: [{LINK}/bench_model.md]({LINK}/bench_model.md).", ""])
     if large:
         s = large["image_per_s"]
@@ -108,6 +116,13 @@ def model(page: Page, d: dict | None) -> None:
         page.goal("model", "identical outputs (max abs diff of CLS + head + norm, large)",
                   f"{max(large['max_abs_diff']['vision_default'], large['max_abs_diff']['language_default']):.1e}",
                   max(large["max_abs_diff"]["vision_default"], large["max_abs_diff"]["language_default"]) < 1e-4)
+        if "speedup_fedmusk_auto" in s:
+            cos = min(large["auto_vs_float32"].values())
+            page.goal("model", f"MUSK-large images/s at model.precision=auto >= {GOAL_AUTO_SPEEDUP}x torchscale "
+                      f"float32, CLS cosine >= {GOAL_AUTO_COSINE} (CPU, batch 4)",
+                      f"{s['speedup_fedmusk_auto']:.3f}x (medians; {s['speedup_paired_fedmusk_auto']:.3f}x per-round), "
+                      f"auto = {large['auto_resolves_to']}, min cosine {cos:.5f}",
+                      s["speedup_fedmusk_auto"] >= GOAL_AUTO_SPEEDUP and cos >= GOAL_AUTO_COSINE)  # fmt: skip
     loads = [r[f"{k}_per_s"].get("load_average_1min") for r in d["results"] for k in ("image", "text")]
     loads = [x for x in loads if x]
     page.machine("bench_model.py", {**d["environment"], **({"load_before": round(min(x[0] for x in loads), 1),
@@ -175,7 +190,7 @@ def communication(page: Page, d: dict | None) -> None:
         return
     full = b["full_bytes_float32"]
     lines += [f"Full-model fine-tuning: {full / 1e6:,.1f} MB up and the same down per round. fedmusk: up = the "
-              "shared tensors of the strategy (float32; SecAgg+ sends them masked as int64), down = the float32 "
+              "shared tensors of the strategy (float32; SecAgg+ sends them masked, packed as uint32), down = the float32 "
               "global adapter with the fit and again with the evaluate instruction.", "",
               "| configuration | up MB plain / SecAgg+ | down MB | up, % of full model (plain / SecAgg+) | "
               "less communication than full fine-tuning (plain / SecAgg+) |", "|---|---|---|---|---|"]  # fmt: skip
