@@ -371,8 +371,8 @@ def markdown(report: dict) -> str:
             f"{large['image_per_s']['speedup_cpu']:.3f}x by CPU time).",
         ]
     for r in report["results"]:
-        if "speedup_fedmusk_auto" not in r["image_per_s"]:
-            continue
+        if "speedup_fedmusk_auto" not in r["image_per_s"] or r["config"].split("/")[0] != "large":
+            continue  # the goal is MUSK-large's (the tiny model is too small for bf16 to pay off)
         img, txt, cos = r["image_per_s"], r["text_per_s"], r["auto_vs_float32"]
         fast = img["speedup_fedmusk_auto"] >= GOAL_AUTO_SPEEDUP
         close = min(cos.values()) >= GOAL_AUTO_COSINE
