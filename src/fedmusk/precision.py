@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from fedmusk.config import ConfigError
+
 PRECISIONS = ("auto", "float32", "bfloat16")
 FLOAT32, BFLOAT16 = "float32", "bfloat16"
 
@@ -42,10 +44,10 @@ def _cpu_has_bf16() -> bool:
 def resolve_precision(name: str, device: torch.device | str) -> str:
     """``"float32"`` or ``"bfloat16"``: what ``model.precision`` = ``name`` means on ``device``.
 
-    Raises ValueError naming the setting for an unknown name.
+    Raises ConfigError naming the setting for an unknown name.
     """
     if name not in PRECISIONS:
-        raise ValueError(f"model.precision={name!r}: choose one of {list(PRECISIONS)}")
+        raise ConfigError(f"model.precision={name!r}: choose one of {list(PRECISIONS)}")
     if name == "auto":
         return BFLOAT16 if bf16_native(device) else FLOAT32
     return name

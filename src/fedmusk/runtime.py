@@ -26,10 +26,7 @@ def model_precision(cfg: ModelConfig, device: torch.device | str) -> str:
     """``cfg.precision`` resolved on ``device``: "float32" or "bfloat16" (ConfigError for an unknown setting)."""
     from fedmusk.precision import resolve_precision
 
-    try:
-        return resolve_precision(cfg.precision, device)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
+    return resolve_precision(cfg.precision, device)
 
 
 def seed_everything(seed: int) -> None:

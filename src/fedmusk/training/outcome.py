@@ -22,7 +22,14 @@ from fedmusk.musk_model.heads import (
     pad_bags,
     survival_curve,
 )
-from fedmusk.musk_model.lora import LoraSettings, adapter_state, apply_lora, load_adapter_state, task_heads
+from fedmusk.musk_model.lora import (
+    EXPERTS,
+    LoraSettings,
+    adapter_state,
+    apply_lora,
+    load_adapter_state,
+    task_heads,
+)
 from fedmusk.musk_model.losses import binary_response_loss, cox_partial_likelihood, discrete_time_nll
 from fedmusk.precision import FLOAT32, autocast, resolve_precision
 from fedmusk.training.cohort import CaseRecord
@@ -96,15 +103,13 @@ def outcome_lora_settings(cfg: FedMuskConfig) -> LoraSettings:
         )
     for expert, reason in dropped.items():
         message = (
-            f"LoRA on the {EXPERT_NAMES[expert]} expert ({expert}) is neither trained nor exchanged: {reason}"
+            f"LoRA on the {EXPERTS[expert]} expert ({expert}) is neither trained nor exchanged: {reason}"
         )
         if message not in _SAID:
             _SAID.add(message)
             log.warning(message)
     return lora_settings(cfg, experts)
 
-
-EXPERT_NAMES = {"A": "vision", "B": "language"}
 
 
 class OutcomeTrainer:
@@ -138,7 +143,7 @@ class OutcomeTrainer:
         self.model = apply_lora(base_model, settings, extra_trainable={"fusion": fusion, "outcome": head})
         self.model.to(self.device)
         # MUSK's forward in training runs at model.precision; evaluation stays float32
-        self.precision = resolve_precision(cfg.model.precision, self.device) if self.device.type != "meta" else FLOAT32
+        self.precision = resolve_precision(cfg.model.precision, self.device)
         if t.features == "end2end":
             self.model.base_model.model.set_activation_checkpointing(True)
             self.tiles = TileReader(base_model.config.img_size, TilingSettings.from_config(cfg.data))
