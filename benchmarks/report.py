@@ -340,6 +340,31 @@ def scale(page: Page, d: dict | None) -> None:
                   wall["ratio"] <= g["site_ratio"] and mem["ratio"] <= g["site_ratio"])  # fmt: skip
 
 
+def utility_extra(page: Page, main: dict | None, quick: dict | None) -> None:
+    """Strategies that only a reduced run (``bench_utility.py --quick ...``) measured: its pooled table and goals,
+    labelled with its seeds, beside the main run's."""
+    if not quick:
+        return
+    measured = set((main or {}).get("summary", {}).get("pooled", {}))
+    pooled = quick.get("summary", {}).get("pooled", {})
+    new = [k for k in pooled if k not in measured]
+    if not new:
+        return
+    st = quick.get("settings", {})
+    seeds = ", ".join(map(str, st.get("seeds", [])))
+    names = {"centralized": "centralized (all sites pooled)", "fedit": "FedIT", "ffa": "FFA-LoRA",
+             "fedsa": "FedSA-LoRA", "rolora": "RoLoRA"}  # fmt: skip
+    lines = [f"A reduced run measured {', '.join(names.get(k, k) for k in new)} beside the others (`bench_utility.py "
+             f"--quick` with the settings in the details; seed {seeds} only, so no intervals): pooled test "
+             f"{st.get('metric', 'c_index')}.", "", "| model | pooled test |", "|---|---|"]  # fmt: skip
+    lines += [f"| {names.get(k, k)} | {_f(t.get('mean'), 3)} |" for k, t in pooled.items()]
+    page.sections[-1][-1:-1] = ["", *lines, "", f"Details: [{LINK}/bench_utility_quick.md]"
+                                f"({LINK}/bench_utility_quick.md)."]  # fmt: skip
+    for g in quick.get("goals", []):
+        if g.get("goal") == 4 or any(names.get(k, k) in g["what"] for k in new):  # 4: no site below its local model
+            page.goal("utility", f"{g['what']} (seed {seeds} only)", g["numbers"], g["met"])
+
+
 def utility(page: Page, d: dict | None) -> None:
     lines = ["### Utility: federated vs centralized vs each site alone (`bench_utility.py`)", ""]
     if not d:
@@ -437,6 +462,7 @@ def build(results: Path) -> str:
     secagg(page, fed)
     scale(page, fed)
     utility(page, load("bench_utility"))
+    utility_extra(page, load("bench_utility"), load("bench_utility_quick"))
     smoke = load("gpu_smoke")
     passed = smoke if smoke and all(x["status"] == 0 for x in smoke["steps"]) else None
     gpu(page, load("gpu"), load("gpu_train"), passed)
