@@ -156,7 +156,8 @@ def test_killed_prepare_resumes_with_the_slides_it_had_not_finished(site):
     cfg = load_config([], TINY)
     model = load_model(cfg.model, "cpu", cfg.seed)
     tiling = TilingSettings.from_config(cfg.data)
-    prepare_site(site, slides[:2], tiling, model, musk_transform(96), 8)  # the run that was killed ...
+    precision = model_precision(cfg.model, "cpu")  # what run_prepare embeds at on this machine
+    prepare_site(site, slides[:2], tiling, model, musk_transform(96), 8, precision=precision)  # killed run ...
     leftover = cache_dir(site) / f"{slide_key(slides[2])}.tmp"
     leftover.write_bytes(b"half a safetensors file")  # ... while it was writing the third slide
     done_before = _mtimes(site)
