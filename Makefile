@@ -35,7 +35,7 @@ test: $(STAMP) $(REAL_SVS)
 
 # Every CPU benchmark, at settings chosen to fit in an hour with the install on 2 cores that are not crowded by other
 # jobs (measured times: benchmarks/README.md), then benchmarks/results/summary.md. GPU numbers: benchmarks/gpu.sh.
-BENCH_MODEL_ARGS      ?= --repeats 3
+BENCH_MODEL_ARGS      ?= --repeats 3 --precisions float32,auto
 BENCH_FEDERATION_ARGS ?= --fresh
 bench: $(STAMP) $(REAL_SVS)
 	$(BIN)/python benchmarks/bench_model.py $(BENCH_MODEL_ARGS)

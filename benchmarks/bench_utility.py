@@ -6,14 +6,14 @@ every seed), prepared once (``fedmusk prepare``: tiles and frozen-MUSK tile feat
 configs/demo.yaml (tiny MUSK, cached features, SecAgg+):
 
 - centralized: ``run_train`` on every site's training cases pooled;
-- federated: ``run_simulation_from_config`` with FedIT, FFA-LoRA and FedSA-LoRA (each simulation in a child process
-  with its own Ray, its process tree stopped afterwards);
+- federated: ``run_simulation_from_config`` with FedIT, FFA-LoRA, FedSA-LoRA and RoLoRA (each simulation in a child
+  process with its own Ray, its process tree stopped afterwards);
 - each site alone: ``run_train`` on one site, tested on its own test cases.
 
 Every model is tested on the pooled test cases and on each site's test cases. Across seeds: mean and 95% t-interval,
 and the per-seed differences (paired by seed: same cohort, same test cases). Goals: (1) each federated strategy
 within 1% (relative) of centralized, (2) every site better in the federation than alone, (3) FFA-LoRA at least as
-good as FedIT.
+good as FedIT, (4) no site below its local model (federation >= alone on its own test cases).
 
 Usage: python benchmarks/bench_utility.py [--seeds 0,1,2] [--site DIR ...] [--workdir DIR] [--quick]
 Writes benchmarks/results/bench_utility.json, .md, .png and _sites.png (--quick: bench_utility_quick.*).
@@ -40,7 +40,7 @@ from _report import cpu_name, write_report  # noqa: E402 - sibling module in ben
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 CONFIG = REPO / "configs" / "demo.yaml"
-STRATEGIES = {"fedit": "FedIT", "ffa": "FFA-LoRA", "fedsa": "FedSA-LoRA"}
+STRATEGIES = {"fedit": "FedIT", "ffa": "FFA-LoRA", "fedsa": "FedSA-LoRA", "rolora": "RoLoRA"}
 # Defaults: the demo's training (configs/demo.yaml) except the pretraining round; --quick: a smoke run.
 DEFAULTS = {"seeds": "0,1,2", "cases": "40,60,80", "test_share": 0.35, "val_share": 0.15, "slide_px": 768,
             "epochs": 10, "rounds": 5, "local_epochs": 2, "pretrain_rounds": 0}  # fmt: skip
@@ -282,6 +282,13 @@ def goals(summary: dict, sites: list[str], strategies: list[str]) -> list[dict]:
         out.append({"goal": 2, "what": f"every site better with {STRATEGIES[c]} than alone (own test cases)",
                     "met": met, "primary": c == "fedit",
                     "numbers": "; ".join(f"{s}: {_f(f)} vs {_f(a)}" for s, f, a in rows)})  # fmt: skip
+    for c in strategies:
+        rows = [(site, per_site[site][c]["mean"], per_site[site]["alone"]["mean"]) for site in sites]
+        below = [s for s, f, a in rows if f is None or a is None or f < a]
+        out.append({"goal": 4, "what": f"no site below its local model with {STRATEGIES[c]} (own test cases)",
+                    "met": not below,
+                    "numbers": "; ".join(f"{s}: {_f(f)} vs {_f(a)}" for s, f, a in rows)
+                               + (f" (below: {', '.join(below)})" if below else "")})  # fmt: skip
     if "ffa" in strategies and "fedit" in strategies:
         ffa, fedit = pooled["ffa"]["mean"], pooled["fedit"]["mean"]
         out.append({"goal": 3, "what": "FFA-LoRA at least as good as FedIT (pooled test, mean over seeds)",
@@ -417,7 +424,8 @@ def plots(report: dict, out_dir: Path, stem: str) -> list[str]:
     metric = "C-index" if st["task"] == "survival" else "AUROC"
     configs = ["centralized", *st["strategies"]]
     names = {"centralized": "centralized", **STRATEGIES}
-    colours = {"centralized": "#444444", "fedit": "#1f77b4", "ffa": "#2ca02c", "fedsa": "#9467bd", "alone": "#d62728"}
+    colours = {"centralized": "#444444", "fedit": "#1f77b4", "ffa": "#2ca02c", "fedsa": "#9467bd", "rolora": "#ff7f0e",
+               "alone": "#d62728"}  # fmt: skip
 
     def point(ax, x, t, colour, dx=0.12):
         if t["mean"] is None:

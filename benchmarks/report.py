@@ -22,6 +22,8 @@ REPO = HERE.parent
 LINK = "benchmarks/results"  # how the README reaches results/
 
 GOAL_MODEL_SPEEDUP = 1.3
+GOAL_AUTO_SPEEDUP = 2.0  # model.precision=auto (bf16 where the CPU has it) against the float32 reference
+GOAL_AUTO_COSINE = 0.999
 GOAL_LOADER_RATIO = 2.0
 GOAL_UP_FRACTION = 0.005
 GOAL_SECAGG = 0.15
@@ -78,7 +80,7 @@ class Page:
 
 def model(page: Page, d: dict | None) -> None:
     lines = ["### Model: MuskModel vs the torchscale BEiT-3 reference (`bench_model.py`)", ""]
-    large = next((r for r in (d or {}).get("results", []) if r["config"] == "large"), None)
+    large = next((r for r in (d or {}).get("results", []) if r["config"].split("/")[0] == "large"), None)
     if not d:
         page.sections.append(lines + ["Not run.", ""])
         page.goal("model", f"MUSK-large images/s >= {GOAL_MODEL_SPEEDUP}x torchscale (CPU, float32, batch 4)", "-",
@@ -99,15 +101,30 @@ def model(page: Page, d: dict | None) -> None:
             lines.append(f"| {r['config']} | {modality} | {rates}"
                          f" | {t['speedup']:.2f}x / {t['speedup_paired']:.2f}x / {t['speedup_cpu']:.2f}x | {diff:.1e} "
                          f"| {peak} |")  # fmt: skip
+            if "fedmusk_auto" in t:  # the same model at model.precision=auto, against the float32 reference
+                cos = r["auto_vs_float32"]["vision_min_cosine" if key == "image" else "language_min_cosine"]
+                lines.append(f"| {r['config']}, precision auto ({r['auto_resolves_to']}) | {modality} | "
+                             f"{_num(t['fedmusk_auto']['median'])} | {_num(t['reference']['median'])} | "
+                             f"{t['speedup_fedmusk_auto']:.2f}x / {t['speedup_paired_fedmusk_auto']:.2f}x / "
+                             f"{t['speedup_cpu_fedmusk_auto']:.2f}x | min cosine to float32 {cos:.5f} | - |")  # fmt: skip
     page.sections.append(lines + ["", f"Details: [{LINK}/bench_model.md]({LINK}/bench_model.md).", ""])
     if large:
         s = large["image_per_s"]
-        page.goal("model", f"MUSK-large images/s >= {GOAL_MODEL_SPEEDUP}x torchscale (CPU, float32, batch 4)",
+        name = "MUSK-large" if large["config"] == "large" else f"MUSK-large ({large['config']})"
+        page.goal("model", f"{name} images/s >= {GOAL_MODEL_SPEEDUP}x torchscale (CPU, float32, batch 4)",
                   f"{s['speedup']:.3f}x (medians; {s['speedup_paired']:.3f}x per-round, {s['speedup_cpu']:.3f}x by "
                   "CPU time)", s["speedup"] >= GOAL_MODEL_SPEEDUP)  # fmt: skip
-        page.goal("model", "identical outputs (max abs diff of CLS + head + norm, large)",
+        page.goal("model", f"identical outputs (max abs diff of CLS + head + norm, {large['config']})",
                   f"{max(large['max_abs_diff']['vision_default'], large['max_abs_diff']['language_default']):.1e}",
                   max(large["max_abs_diff"]["vision_default"], large["max_abs_diff"]["language_default"]) < 1e-4)
+        if "speedup_fedmusk_auto" in s:
+            cos = min(large["auto_vs_float32"].values())
+            page.goal("model", f"{name} images/s at model.precision=auto >= {GOAL_AUTO_SPEEDUP}x torchscale "
+                      f"float32, CLS cosine >= {GOAL_AUTO_COSINE} (CPU, batch 4)",
+                      f"{s['speedup_fedmusk_auto']:.3f}x (medians; {s['speedup_paired_fedmusk_auto']:.3f}x per-round, "
+                      f"{s['speedup_cpu_fedmusk_auto']:.3f}x by CPU time), "
+                      f"auto = {large['auto_resolves_to']}, min cosine {cos:.5f}",
+                      s["speedup_fedmusk_auto"] >= GOAL_AUTO_SPEEDUP and cos >= GOAL_AUTO_COSINE)  # fmt: skip
     loads = [r[f"{k}_per_s"].get("load_average_1min") for r in d["results"] for k in ("image", "text")]
     loads = [x for x in loads if x]
     page.machine("bench_model.py", {**d["environment"], **({"load_before": round(min(x[0] for x in loads), 1),
@@ -175,7 +192,7 @@ def communication(page: Page, d: dict | None) -> None:
         return
     full = b["full_bytes_float32"]
     lines += [f"Full-model fine-tuning: {full / 1e6:,.1f} MB up and the same down per round. fedmusk: up = the "
-              "shared tensors of the strategy (float32; SecAgg+ sends them masked as int64), down = the float32 "
+              "shared tensors of the strategy (float32; SecAgg+ sends them masked, packed as uint32), down = the float32 "
               "global adapter with the fit and again with the evaluate instruction.", "",
               "| configuration | up MB plain / SecAgg+ | down MB | up, % of full model (plain / SecAgg+) | "
               "less communication than full fine-tuning (plain / SecAgg+) |", "|---|---|---|---|---|"]  # fmt: skip
@@ -195,10 +212,10 @@ def communication(page: Page, d: dict | None) -> None:
     lines += ["", f"![bytes per site per round]({LINK}/federation_bytes.png)", ""]
     page.sections.append(lines)
     rows = {v["key"]: v for v in b["variants"]}
-    default = rows.get("fedit-both")
+    default = rows.get("defaults") or rows.get("fedit-both")  # earlier results: FedIT both experts was the default
     passing = [v for v in b["variants"] if v["up_secure_of_full"] <= GOAL_UP_FRACTION]
     if default:
-        page.goal("communication", "bytes up <= 0.5% of the full model, defaults (FedIT, both experts, SecAgg+)",
+        page.goal("communication", f"bytes up <= 0.5% of the full model, defaults under SecAgg+ ({default['variant']})",
                   f"{_pct(default['up_secure_of_full'], 3)} ({default['up_secure'] / 1e6:.1f} MB); plain "
                   f"{_pct(default['up_plain_of_full'], 3)}", default["up_secure_of_full"] <= GOAL_UP_FRACTION)
     if passing:
@@ -324,6 +341,31 @@ def scale(page: Page, d: dict | None) -> None:
                   wall["ratio"] <= g["site_ratio"] and mem["ratio"] <= g["site_ratio"])  # fmt: skip
 
 
+def utility_extra(page: Page, main: dict | None, quick: dict | None) -> None:
+    """Strategies that only a reduced run (``bench_utility.py --quick ...``) measured: its pooled table and goals,
+    labelled with its seeds, beside the main run's."""
+    if not quick:
+        return
+    measured = set((main or {}).get("summary", {}).get("pooled", {}))
+    pooled = quick.get("summary", {}).get("pooled", {})
+    new = [k for k in pooled if k not in measured]
+    if not new:
+        return
+    st = quick.get("settings", {})
+    seeds = ", ".join(map(str, st.get("seeds", [])))
+    names = {"centralized": "centralized (all sites pooled)", "fedit": "FedIT", "ffa": "FFA-LoRA",
+             "fedsa": "FedSA-LoRA", "rolora": "RoLoRA"}  # fmt: skip
+    lines = [f"A reduced run measured {', '.join(names.get(k, k) for k in new)} beside the others (`bench_utility.py "
+             f"--quick` with the settings in the details; seed {seeds} only, so no intervals): pooled test "
+             f"{st.get('metric', 'c_index')}.", "", "| model | pooled test |", "|---|---|"]  # fmt: skip
+    lines += [f"| {names.get(k, k)} | {_f(t.get('mean'), 3)} |" for k, t in pooled.items()]
+    page.sections[-1][-1:-1] = ["", *lines, "", f"Details: [{LINK}/bench_utility_quick.md]"
+                                f"({LINK}/bench_utility_quick.md)."]  # fmt: skip
+    for g in quick.get("goals", []):
+        if g.get("goal") == 4 or any(names.get(k, k) in g["what"] for k in new):  # 4: no site below its local model
+            page.goal("utility", f"{g['what']} (seed {seeds} only)", g["numbers"], g["met"])
+
+
 def utility(page: Page, d: dict | None) -> None:
     lines = ["### Utility: federated vs centralized vs each site alone (`bench_utility.py`)", ""]
     if not d:
@@ -339,7 +381,7 @@ def utility(page: Page, d: dict | None) -> None:
               "t-interval]; tiny MUSK, cached features, SecAgg+ for the federations.", "",
               f"| model | pooled test {metric} |", "|---|---|"]  # fmt: skip
     names = {"centralized": "centralized (all sites pooled)", "fedit": "FedIT", "ffa": "FFA-LoRA",
-             "fedsa": "FedSA-LoRA"}  # fmt: skip
+             "fedsa": "FedSA-LoRA", "rolora": "RoLoRA"}  # fmt: skip
     for key, t in (s.get("pooled") or {}).items():
         ci = t.get("ci")
         interval = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
@@ -421,6 +463,7 @@ def build(results: Path) -> str:
     secagg(page, fed)
     scale(page, fed)
     utility(page, load("bench_utility"))
+    utility_extra(page, load("bench_utility"), load("bench_utility_quick"))
     smoke = load("gpu_smoke")
     passed = smoke if smoke and all(x["status"] == 0 for x in smoke["steps"]) else None
     gpu(page, load("gpu"), load("gpu_train"), passed)

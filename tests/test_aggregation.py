@@ -22,6 +22,8 @@ from fedmusk.strategies import (
     partition,
     prepare_for_secure_sum,
     proximal_term,
+    rolora_factor,
+    shared_roles,
     secure_sum_error_bound,
     state_delta,
     state_norm,
@@ -140,6 +142,33 @@ def test_ffa_aggregate_of_b_with_shared_a_equals_mean_of_products():
     product_of_aggregate = lora_products(merge_partition(out, frozen_a))
     aggregate_of_products = weighted_mean([lora_products(s) for s in states], weights)
     torch.testing.assert_close(product_of_aggregate, aggregate_of_products, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("round", [1, 2, 3, 4])
+def test_rolora_aggregate_of_the_rounds_factor_equals_mean_of_products(round):
+    weights = [10.0, 30.0, 60.0]
+    factor = rolora_factor(round)
+    assert factor == ("B" if round % 2 else "A")
+    shared = adapter_state(99)  # the global adapter every site starts the round from
+    states = []
+    for i in range(3):  # each site moved only this round's factor (and the heads)
+        own = adapter_state(i)
+        states.append({k: own[k] if tensor_role(k) in (factor, "head") else shared[k] for k in shared})
+    updates = [partition(s, "rolora", round)[0] for s in states]
+    assert all({tensor_role(k) for k in u} == {factor, "head"} for u in updates)
+    out = aggregate(updates, weights, "rolora", round)
+    product_of_aggregate = lora_products({**shared, **out})
+    aggregate_of_products = weighted_mean([lora_products(s) for s in states], weights)
+    for layer, value in aggregate_of_products.items():
+        torch.testing.assert_close(product_of_aggregate[layer], value, rtol=0, atol=1e-6)
+
+
+def test_rolora_needs_the_round_and_refuses_the_other_factor():
+    assert shared_roles("rolora", 1) == {"B", "head"} and shared_roles("rolora", 2) == {"A", "head"}
+    with pytest.raises(ValueError, match="pass the round"):
+        partition(adapter_state(0), "rolora")
+    with pytest.raises(ValueError, match="stay at the site"):
+        aggregate([partition(adapter_state(0), "rolora", 2)[0]], [1.0], "rolora", 1)
 
 
 def test_ffa_refuses_sites_whose_a_drifted():
@@ -328,6 +357,27 @@ def test_checkpoint_of_other_optimiser_or_hyper_parameters_is_refused():
         build_server_optimizer("sgd")
     with pytest.raises(ValueError, match="bad hyper-parameters for 'fedavgm'"):
         build_server_optimizer("fedavgm", beta1=0.9)
+
+
+def test_server_optimizer_moves_only_the_tensors_of_a_partial_round_and_keeps_the_others_moments():
+    opt = build_server_optimizer("fedavgm", eta=1.0)
+    opt.expect(["a", "b"])
+    state = {"a": torch.zeros(2), "b": torch.zeros(2)}
+    state = opt.step(state, {"b": torch.ones(2)})  # a RoLoRA round that moves B only
+    assert torch.equal(state["a"], torch.zeros(2)) and torch.equal(state["b"], torch.ones(2))
+    state = opt.step(state, {"a": torch.ones(2)})
+    assert torch.equal(state["b"], torch.ones(2))  # B's momentum does not move B in an A round
+    resumed = build_server_optimizer("fedavgm", eta=1.0)
+    resumed.load_state_dict(io_round_trip(opt.state_dict()))
+    with pytest.raises(ValueError, match="undeclared"):
+        resumed.step(state, {"c": torch.ones(2)})
+
+
+def io_round_trip(obj):
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
 
 
 def test_server_optimizer_refuses_a_changed_tensor_set():

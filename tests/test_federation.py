@@ -21,6 +21,7 @@ from fedmusk.client.site_client import (
     AdapterLayout,
     SiteAddress,
     SiteClient,
+    phase_round,
     round_seed,
     secure_weight,
     secure_weight_cap,
@@ -120,7 +121,7 @@ def site_updates(clients, global_state, round, federation_id, secure):
     updates = []
     for site in clients:
         reply = site.fit(global_state, round, federation_id)
-        layout = site.layout.update_layout(site.cfg.federation.strategy, secure)
+        layout = site.layout.update_layout(site.cfg.federation.strategy, secure, phase_round(site.cfg, round))
         updates.append(layout.from_arrays(reply.arrays))
     return updates
 
@@ -220,6 +221,24 @@ def test_resume_continues_exactly_where_an_uninterrupted_run_would_be(secure_run
         simulate(cfg, cohort, out)  # a finished federation's folder is not silently overwritten
 
 
+def test_masked_vectors_packed_as_uint32_give_the_bit_identical_aggregate_at_4_bytes_a_value(
+    secure_run, cohort, tmp_path, tracked
+):
+    cfg, _, packed = secure_run
+    out = tmp_path / "int64"
+    flower = simulate(tracked("federation.secure_aggregation=true", "federation.secagg_packed=false"), cohort, out)
+    for rnd in (1, 2):  # Flower's own int64 upload and fedmusk's uint32 one: the same global adapter, bit for bit
+        reference = load_round(out / "checkpoints", rnd).global_state
+        ours = load_round(Path(packed["checkpoint"]).parent, rnd).global_state
+        assert all(torch.equal(ours[name], value) for name, value in reference.items())
+    # the bytes counted on the wire differ by exactly 4 bytes per masked value (the update, fedmusk's weight and
+    # Flower's weight factor), per site and round
+    layout = AdapterLayout.of(initial_adapter_state(cfg)).update_layout("fedit", secure=True)
+    values = sum(int(torch.Size(s).numel()) for s in layout.shapes) + 1
+    for ours, reference in zip(packed["rounds"], flower["rounds"]):
+        assert reference["bytes_up_per_client"] - ours["bytes_up_per_client"] == 4 * values
+
+
 def test_ffa_lora_aggregate_is_the_exact_mean_of_the_sites_updates(cohort, tmp_path, tracked):
     cfg = tracked("federation.strategy=ffa", "train.lora.ffa=true", "federation.secure_aggregation=false",
                  "federation.rounds=1")  # fmt: skip
@@ -245,6 +264,59 @@ def test_ffa_lora_aggregate_is_the_exact_mean_of_the_sites_updates(cohort, tmp_p
     aggregated = products(ckpt.global_state)
     for layer, value in exact.items():
         torch.testing.assert_close(aggregated[layer], value, rtol=0, atol=1e-6)
+
+
+def rolora_rounds(cfg, out, cohort, tmp_path):
+    """Per round of a finished RoLoRA federation in ``out``: (round, factor, previous global, global after, the
+    sites' updates recomputed outside Flower, their training cases)."""
+    plain = config("federation.strategy=rolora", "federation.secure_aggregation=false")
+    clients = site_clients(plain, cohort, tmp_path)
+    previous = initial_adapter_state(cfg)
+    for rnd, factor in ((1, "B"), (2, "A")):
+        ckpt = load_round(out / "checkpoints", rnd)
+        updates = site_updates(clients, previous, rnd, ckpt.extra["federation_id"], secure=False)
+        cases = [site.session.num_train_cases for site in clients]
+        yield rnd, factor, previous, ckpt, updates, cases
+        previous = ckpt.global_state
+
+
+def test_rolora_aggregate_is_the_exact_mean_of_the_sites_products_in_b_and_in_a_rounds(cohort, tmp_path, tracked):
+    cfg = tracked("federation.strategy=rolora", "federation.secure_aggregation=false")  # 2 rounds: B, then A
+    out = tmp_path / "rolora"
+    simulate(cfg, cohort, out)
+    for rnd, factor, previous, ckpt, updates, cases in rolora_rounds(cfg, out, cohort, tmp_path):
+        fid = ckpt.extra["federation_id"]
+        for root, update in zip(cohort, updates):  # the same updates the sites sent: this round's factor only
+            assert sent_hashes(root, fid, rnd) == {n: tensor_record(n, t)["sha256"] for n, t in update.items()}
+            lora = [n for n in update if ".lora_" in n]
+            assert lora and all(f".lora_{factor}." in n for n in lora), (rnd, lora[:2])
+        other = ".lora_A." if factor == "B" else ".lora_B."
+        assert all(torch.equal(ckpt.global_state[n], v) for n, v in previous.items() if other in n)
+        site_products = [lora_products({**previous, **{k: previous[k] + u[k] for k in u}}) for u in updates]
+        exact = weighted_mean(site_products, cases)  # the mean of the sites' B_i @ A (round 1), B @ A_i (round 2)
+        aggregated = lora_products(ckpt.global_state)
+        assert any(bool(v.abs().sum() > 0) for v in exact.values())
+        for layer, value in exact.items():
+            torch.testing.assert_close(aggregated[layer], value, rtol=0, atol=1e-6)
+
+
+def test_rolora_under_secagg_equals_the_plain_mean_of_the_rounds_factor(cohort, tmp_path, tracked):
+    cfg = tracked("federation.strategy=rolora", "federation.secure_aggregation=true")
+    out = tmp_path / "rolora-secure"
+    summary = simulate(cfg, cohort, out)
+    assert summary["rounds_completed"] == 2
+    fed = cfg.federation
+    step = 2 * fed.secagg_clipping_range / fed.secagg_quantization_range
+    for rnd, factor, previous, ckpt, updates, cases in rolora_rounds(cfg, out, cohort, tmp_path):
+        mean = weighted_mean(updates, cases)
+        mean_w = sum(secure_weight(n, secure_weight_cap(cfg), dp=False) for n in cases) / len(cases)
+        assert {n for n in mean if ".lora_" in n} and all(f".lora_{factor}." in n for n in mean if ".lora_" in n)
+        for name, value in ckpt.global_state.items():
+            if name not in mean:
+                assert torch.equal(value, previous[name]), name  # the other factor did not move
+                continue
+            bound = (step + mean[name].abs() * step) / (mean_w - step) + 1e-6
+            assert bool(((value - previous[name] - mean[name]).abs() <= bound).all()), f"round {rnd}: {name}"
 
 
 def test_a_refusing_site_drops_out_and_too_few_replies_fail_the_round(cohort, tmp_path, tracked):
@@ -338,6 +410,7 @@ def test_federation_settings_that_cannot_work_are_refused_before_any_round():
         (["federation.secagg_num_shares=4"], "odd"),
         (["federation.robust=median"], "SecAgg"),
         (["federation.strategy=ffa"], "train.lora.ffa"),
+        (["federation.strategy=rolora", "train.lora.ffa=true"], "train.lora.ffa=false"),
         (["federation.dp_noise_multiplier=1.0"], "dp_clip"),
         (["federation.min_replies=4"], "min_replies"),
     ]:

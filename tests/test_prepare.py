@@ -26,7 +26,7 @@ from fedmusk.data.slides import open_slide
 from fedmusk.data.tile_loader import iter_tile_batches, read_tile_batch
 from fedmusk.data.tiles import read_tile, tile_grid
 from fedmusk.musk_model import musk_transform
-from fedmusk.runtime import load_model
+from fedmusk.runtime import load_model, model_precision
 
 from _slides_helpers import real_svs, truncate
 from _validation_helpers import write_tiles
@@ -80,7 +80,9 @@ def test_prepare_writes_one_entry_per_slide_with_coordinates_and_features(synthe
         slides = _slides(site)
         assert len(list(cache_dir(site).glob("*.safetensors"))) == len(slides)
         cfg = load_config([], TINY)
-        expected = model_fingerprint(load_model(cfg.model, "cpu", cfg.seed), False, TilingSettings(0.5, 96, 0.5))
+        precision = model_precision(cfg.model, "cpu")  # model.precision=auto: what this CPU computes in
+        expected = model_fingerprint(load_model(cfg.model, "cpu", cfg.seed), False, TilingSettings(0.5, 96, 0.5),
+                                     precision)  # fmt: skip
         for slide in slides:
             entry = read_cache(site, slide)
             assert entry.fingerprint == expected
@@ -131,13 +133,31 @@ def test_another_model_or_tile_size_makes_the_cache_stale(site):
         assert (entry.coords[:, 3] == 64).all() and entry.features.shape == (entry.coords.shape[0], 64)
 
 
+def test_bf16_embedding_is_a_cache_of_its_own_and_stays_within_cosine_0999_of_float32(site):
+    slides = _slides(site)
+    assert _prepare(site, "model.precision=float32")[0] == 0
+    fp32 = {s: read_cache(site, s) for s in slides}
+    code, output = _prepare(site, "model.precision=bfloat16")
+    assert code == 0 and "at bfloat16" in output
+    for s in slides:
+        bf16 = read_cache(site, s)
+        assert bf16.fingerprint != fp32[s].fingerprint  # the precision is part of what shaped the features
+        assert bf16.features.dtype == torch.float32 and not torch.equal(bf16.features, fp32[s].features)
+        cosine = torch.nn.functional.cosine_similarity(bf16.features, fp32[s].features, dim=-1)
+        assert float(cosine.min()) >= 0.999, float(cosine.min())
+    model = load_model(load_config([], TINY).model, "cpu", 0)
+    tiling = TilingSettings(0.5, 96, 0.5)
+    assert model_fingerprint(model, False, tiling) == model_fingerprint(model, False, tiling, "float32")
+
+
 def test_killed_prepare_resumes_with_the_slides_it_had_not_finished(site):
     slides = _slides(site)
     assert len(slides) >= 3
     cfg = load_config([], TINY)
     model = load_model(cfg.model, "cpu", cfg.seed)
     tiling = TilingSettings.from_config(cfg.data)
-    prepare_site(site, slides[:2], tiling, model, musk_transform(96), 8)  # the run that was killed ...
+    precision = model_precision(cfg.model, "cpu")  # what run_prepare embeds at on this machine
+    prepare_site(site, slides[:2], tiling, model, musk_transform(96), 8, precision=precision)  # killed run ...
     leftover = cache_dir(site) / f"{slide_key(slides[2])}.tmp"
     leftover.write_bytes(b"half a safetensors file")  # ... while it was writing the third slide
     done_before = _mtimes(site)

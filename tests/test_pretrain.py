@@ -303,7 +303,7 @@ def test_pretrained_lora_moves_into_an_outcome_trainer_by_name(site):
     pre = trainer(tiny_cfg(), [site])
     pre.train_epoch()
     cfg = tiny_cfg()
-    cfg.train.features, cfg.train.fusion = "end2end", "report"
+    cfg.train.features, cfg.train.fusion = "end2end", "concat"  # both experts learn in the outcome model
     outcome = OutcomeTrainer(cfg, load_model(cfg.model, "cpu", 0), load_tokenizer(cfg.model), None, "cpu")
     own = outcome.adapter_state()
     pretrained = pre.adapter_state()
@@ -312,6 +312,10 @@ def test_pretrained_lora_moves_into_an_outcome_trainer_by_name(site):
     after = outcome.adapter_state()
     assert all(torch.equal(after[n], pretrained[n]) for n in lora_only(pretrained))
     assert all(torch.equal(after[n], own[n]) for n in own if n.startswith("task_heads."))
+    cfg.train.features = "cached"  # the vision expert cannot learn on cached features: its pretrained LoRA stays
+    cached = OutcomeTrainer(cfg, load_model(cfg.model, "cpu", 0), load_tokenizer(cfg.model), None, "cpu")
+    carried = carry_lora(pretrained, cached.adapter_state())
+    assert set(lora_only(carried)) == {n for n in lora_only(pretrained) if ".B.lora_" in n}
     cfg.train.lora.rank = 4
     other = OutcomeTrainer(cfg, load_model(cfg.model, "cpu", 0), load_tokenizer(cfg.model), None, "cpu")
     with pytest.raises(AdapterStateError, match="other shapes"):

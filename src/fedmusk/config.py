@@ -64,6 +64,7 @@ class Strategy(StrEnum):
     fedit = "fedit"
     ffa = "ffa"
     fedsa = "fedsa"
+    rolora = "rolora"
 
 
 class ServerOptimizer(StrEnum):
@@ -87,6 +88,7 @@ class ModelConfig:
     img_size: int | None = None  # None: the preset's size
     max_text_len: int = 100
     ms_aug: bool = False  # multi-scale (1x + 2x) tile features for MIL
+    precision: str = "auto"  # "auto" (bf16 where the hardware has it), "float32" or "bfloat16"; see precision.py
 
 
 @dataclass
@@ -153,7 +155,8 @@ class TrainConfig:
 class FederationConfig:
     """Rounds as the coordinator runs them. The site's own egress policy is a separate file the site controls."""
 
-    strategy: Strategy = Strategy.fedit  # "fedit" (FedAvg of A and B), "ffa" (FFA-LoRA), "fedsa" (FedSA-LoRA: B stays local)
+    strategy: Strategy = Strategy.fedit  # "fedit" (FedAvg of A and B), "ffa" (FFA-LoRA), "fedsa" (FedSA-LoRA: B stays local),
+    # "rolora" (RoLoRA: odd rounds of a phase train and send only B, even rounds only A; exact, also under SecAgg+)
     rounds: int = 3
     pretrain_rounds: int = 0  # continued-pretraining rounds before the outcome rounds
     local_epochs: int = 1
@@ -163,6 +166,7 @@ class FederationConfig:
     secagg_clipping_range: float = 1.0  # weighted updates must stay within +-this (adapter deltas are far smaller)
     secagg_weight_cap: int = 1024  # training cases that give a site full weight; set near the sites' real sizes
     secagg_quantization_range: int = 4194304
+    secagg_packed: bool = True  # masked vector uploaded as uint32 (4 bytes a value), not Flower's int64; same sum
     fraction: float = 1.0  # share of connected sites asked each round
     min_sites: int = 2  # sites that must be connected before a round starts
     min_replies: int = 2  # fewer replies and the round fails loudly

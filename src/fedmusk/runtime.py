@@ -22,6 +22,13 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
+def model_precision(cfg: ModelConfig, device: torch.device | str) -> str:
+    """``cfg.precision`` resolved on ``device``: "float32" or "bfloat16" (ConfigError for an unknown setting)."""
+    from fedmusk.precision import resolve_precision
+
+    return resolve_precision(cfg.precision, device)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)

@@ -4,7 +4,8 @@ A federation's configuration is the coordinator's, but some settings are facts o
 copy of the MUSK weights and tokenizer lie, which device it trains on, how many tiles it embeds at once and how many
 reader processes it runs. Those *site-local* settings never travel: the coordinator sends its configuration with them
 at their defaults, and each site fills them in from its own ``site-settings.yaml`` (deployment) or from the
-researcher's configuration (simulation, where every site is a folder on one machine).
+researcher's configuration (simulation, where every site is a folder on one machine). The compute precision is one
+of them: ``auto`` means bf16 where this machine computes it natively.
 
 The configuration that arrives is data, nothing else: ``parse_coordinator_config`` refuses OmegaConf interpolation
 (``${oc.env:...}`` would read the site's environment), keys the schema does not know, and site-local keys set by the
@@ -35,6 +36,7 @@ SITE_LOCAL_KEYS = (
     "model.tokenizer",
     "train.pretrain.visual_tokenizer",
     "device",
+    "model.precision",
     "data.batch_size",
     "data.num_workers",
 )

@@ -3,7 +3,8 @@
 The SuperNode says where the site lives (node config ``site-root``, ``policy``, ``site-name``, ``coordinator``);
 the coordinator's run config carries the fedmusk configuration as YAML (``fedmusk-config``). When that configuration
 asks for secure aggregation, every training message goes through Flower's ``secaggplus_mod``, so the update leaves
-the site only masked; a plain training message in a secure run is then refused by the mod.
+the site only masked; a plain training message in a secure run is then refused by the mod. The masked vector leaves
+as uint32, 4 bytes a value (``fedmusk.secagg_wire``; ``federation.secagg_packed=false``: Flower's int64).
 
 Errors leave the site as their type and a scrubbed message (no paths, case ids or report text).
 """
@@ -22,6 +23,7 @@ from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 
 from fedmusk.client.site_client import RUN_CONFIG, SiteClient, config_from_run_config, site_address, site_config
+from fedmusk.secagg_wire import pack_masked_vector
 
 
 class SiteError(RuntimeError):
@@ -72,7 +74,10 @@ def build_client_app(run_config_defaults: Mapping[str, Any] | None = None) -> Cl
         """SecAgg+ for every message of a run whose configuration asks for secure aggregation."""
         run_config = {**defaults, **context.run_config}
         if _is_secure(run_config):
-            return secaggplus_mod(msg, context, call_next)
+            reply = secaggplus_mod(msg, context, call_next)
+            if _packs_masked_vector(run_config) and reply.has_content():
+                pack_masked_vector(reply.content)  # uint32 on the wire; the coordinator restores Flower's int64
+            return reply
         return call_next(msg, context)
 
     return ClientApp(client_fn=client_fn, mods=[secure_aggregation_mod])
@@ -84,6 +89,7 @@ def build_client_app(run_config_defaults: Mapping[str, Any] | None = None) -> Cl
 SITES_PER_PROCESS = 1
 _SITES: OrderedDict[tuple[str, str], SiteClient] = OrderedDict()
 _SECURE: dict[str, bool] = {}
+_PACKED: dict[str, bool] = {}
 
 
 def _site_client(run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> SiteClient:
@@ -102,6 +108,13 @@ def _is_secure(run_config: Mapping[str, Any]) -> bool:
     if text not in _SECURE:
         _SECURE[text] = config_from_run_config(run_config).federation.secure_aggregation
     return _SECURE[text]
+
+
+def _packs_masked_vector(run_config: Mapping[str, Any]) -> bool:
+    text = str(run_config.get(RUN_CONFIG))
+    if text not in _PACKED:
+        _PACKED[text] = config_from_run_config(run_config).federation.secagg_packed
+    return _PACKED[text]
 
 
 def _fid(config: Mapping[str, Any]) -> str:

@@ -49,11 +49,11 @@ from fedmusk.site_settings import (
 )
 from fedmusk.strategies.aggregation import (
     SECURE_SUM_WEIGHT_KEY,
-    SHARED_ROLES,
     StateDict,
     partition,
     prepare_for_secure_sum,
     proximal_term,
+    shared_roles,
     state_delta,
     tensor_role,
 )
@@ -99,6 +99,16 @@ PRETRAIN, OUTCOME = "pretrain", "outcome"
 def round_phase(cfg: FedMuskConfig, round: int) -> str:
     """The phase of ``round``, from the configuration alone (coordinator and sites derive it alike)."""
     return PRETRAIN if round <= cfg.federation.pretrain_rounds else OUTCOME
+
+
+def phase_round(cfg: FedMuskConfig, round: int) -> int:
+    """``round`` counted within its phase from 1 (RoLoRA alternates its factors by this count)."""
+    return round if round_phase(cfg, round) == PRETRAIN else round - cfg.federation.pretrain_rounds
+
+
+def round_roles(cfg: FedMuskConfig, round: int) -> frozenset[str]:
+    """The tensor roles ("A", "B", "head") that leave a site in ``round`` under ``federation.strategy``."""
+    return shared_roles(cfg.federation.strategy, phase_round(cfg, round))
 
 
 def config_from_yaml(text: str) -> FedMuskConfig:
@@ -230,9 +240,10 @@ class AdapterLayout:
             state[name] = torch.from_numpy(np.array(array, copy=True)).to(dtype)
         return state
 
-    def update_layout(self, strategy: str, secure: bool) -> AdapterLayout:
-        """What a site sends in ``strategy``: the shared tensors, then under SecAgg+ the one-value weight."""
-        shared = SHARED_ROLES[strategy]
+    def update_layout(self, strategy: str, secure: bool, round: int | None = None) -> AdapterLayout:
+        """What a site sends in ``strategy`` (RoLoRA: in ``round`` of the phase): the shared tensors, then under
+        SecAgg+ the one-value weight."""
+        shared = shared_roles(strategy, round)
         pairs = [(n, s) for n, s in zip(self.names, self.shapes, strict=True) if tensor_role(n) in shared]
         if secure:
             pairs.append((SECURE_SUM_WEIGHT_KEY, (1,)))
@@ -395,12 +406,14 @@ class SiteClient:
         start = self.adapter_for_round(global_state, round, federation_id)
         self._begin_round(round)
         self.session.load_adapter_state(start)
+        if fed.strategy == "rolora":  # only this round's factor trains; the other stays the shared global one
+            _train_only(self.session.trainer.model, round_roles(self.cfg, round))
         proximal = None
         if fed.proximal_mu > 0:
             proximal = _proximal_to_current(self.session.trainer.model, fed.proximal_mu)
         train = self.session.train(fed.local_epochs, proximal)
         trained = self.session.adapter_state()
-        shared, _ = partition(state_delta(trained, start), fed.strategy)
+        shared, _ = partition(state_delta(trained, start), fed.strategy, phase_round(self.cfg, round))
         if fed.dp_clip > 0:
             shared, _ = clip_update(shared, fed.dp_clip)  # the norm before clipping stays here
         try:
@@ -415,7 +428,7 @@ class SiteClient:
             num_examples = 1  # the count travels masked, inside the sum
         else:
             wire, num_examples = released, cases
-        layout = self.layout.update_layout(fed.strategy, fed.secure_aggregation)
+        layout = self.layout.update_layout(fed.strategy, fed.secure_aggregation, phase_round(self.cfg, round))
         arrays = layout.to_arrays(wire)
         self.audit.record_send(federation_id, round, self.recipient, {n: wire[n] for n in layout.names})
         if fed.strategy == "fedsa":
@@ -518,6 +531,15 @@ def latest_local_state(site_root: str | os.PathLike, federation_id: str, before_
         p for p in folder.glob("round-*.safetensors") if int(p.stem.removeprefix("round-")) < before_round
     )
     return load_file(str(earlier[-1])) if earlier else None
+
+
+def _train_only(model: torch.nn.Module, roles: frozenset[str]) -> None:
+    """Let the optimiser move only the adapter tensors of ``roles`` this round: the LoRA factors of other roles are
+    frozen (no gradient, so AdamW leaves them alone). Base weights and FFA's frozen A (a buffer) are untouched."""
+    for name, param in model.named_parameters():
+        role = "A" if ".lora_A." in name else "B" if ".lora_B." in name else None
+        if role is not None:
+            param.requires_grad_(role in roles)
 
 
 def _proximal_to_current(model: torch.nn.Module, mu: float):

@@ -4,8 +4,10 @@ MUSK into a per-slide cache.
 The cache lives inside the site (``<site_root>/.fedmusk/``) and never leaves it. Each slide's entry is written
 atomically and records the tile coordinates and a fingerprint of everything that shaped its features (model weights,
 image size, multi-scale flag, tiling settings), so a killed prepare resumes where it stopped and a stale cache is
-detected instead of silently reused. It also records a fingerprint of the tiling alone: a tiles-only prepare keeps
-an entry whose tiles are current (with whatever features it holds), and an embedding run reuses its coordinates.
+detected instead of silently reused. The compute precision of the embedding (``model.precision``, see
+``fedmusk.precision``) is part of that fingerprint: bf16 features are not float32 features. It also records a
+fingerprint of the tiling alone: a tiles-only prepare keeps an entry whose tiles are current (with whatever features
+it holds), and an embedding run reuses its coordinates.
 
 Tiles can be read by DataLoader worker processes (``num_workers > 0``): each worker opens the slide itself, and the
 batches arrive in grid order whatever the number of workers, so features do not depend on it.
@@ -29,6 +31,7 @@ from fedmusk.data.errors import SiteDataError
 from fedmusk.data.slides import Slide, open_slide
 from fedmusk.data.tile_loader import iter_tile_batches
 from fedmusk.data.tiles import LEVEL_MPP_SLACK, TileCoord, tile_grid
+from fedmusk.precision import FLOAT32, autocast
 
 CACHE_DIRNAME = ".fedmusk"
 CACHE_FORMAT = 1
@@ -77,10 +80,16 @@ def tiling_fingerprint(tiling: TilingSettings) -> str:
     return hashlib.sha256(settings.encode()).hexdigest()
 
 
-def model_fingerprint(model: torch.nn.Module | None, ms_aug: bool, tiling: TilingSettings) -> str:
-    """sha256 over the model's tensors (names, dtypes, bytes) and every setting that changes the features."""
+def model_fingerprint(
+    model: torch.nn.Module | None, ms_aug: bool, tiling: TilingSettings, precision: str = FLOAT32
+) -> str:
+    """sha256 over the model's tensors (names, dtypes, bytes) and every setting that changes the features,
+    including the resolved compute ``precision`` (float32 entries keep the fingerprint they had before it counted)."""
     h = hashlib.sha256()
-    h.update(json.dumps({"format": CACHE_FORMAT, "tiling": asdict(tiling), "ms_aug": ms_aug}, sort_keys=True).encode())
+    settings = {"format": CACHE_FORMAT, "tiling": asdict(tiling), "ms_aug": ms_aug}
+    if precision != FLOAT32:
+        settings["precision"] = precision
+    h.update(json.dumps(settings, sort_keys=True).encode())
     if model is not None:
         h.update(json.dumps(model.config.to_dict(), sort_keys=True).encode())
         for name, tensor in sorted(model.state_dict().items()):
@@ -190,8 +199,10 @@ def embed_tiles(
     ms_aug: bool,
     num_workers: int = 0,
     on_tiles: Callable[[int], None] | None = None,
+    precision: str = FLOAT32,
 ) -> torch.Tensor:
-    """Raw CLS features (no head, no norm) of each tile: (n, dim), or (n, 2 * dim) with multi-scale features.
+    """Raw CLS features (no head, no norm) of each tile: (n, dim), or (n, 2 * dim) with multi-scale features, float32
+    whatever the compute ``precision`` ("float32" or "bfloat16", resolved).
 
     ``slide`` is an open Slide or a path (needed for ``num_workers > 0``, see :func:`iter_tile_batches`);
     ``on_tiles(k)`` is called after each batch of ``k`` tiles. Raises SlideError when the slide cannot be read.
@@ -200,7 +211,8 @@ def embed_tiles(
     dtype = next(model.parameters()).dtype
     out = []
     for batch in iter_tile_batches(slide, coords, transform, batch_size, num_workers, device):
-        feats, _ = model(image=batch.to(dtype), with_head=False, out_norm=False, ms_aug=ms_aug)
+        with autocast(device, precision):
+            feats, _ = model(image=batch.to(dtype), with_head=False, out_norm=False, ms_aug=ms_aug)
         out.append(feats.float().cpu())
         if on_tiles is not None:
             on_tiles(batch.shape[0])
@@ -224,6 +236,7 @@ def prepare_slide(
     num_workers: int = 0,
     on_tiles: Callable[[int], None] | None = None,
     notes: list[str] | None = None,
+    precision: str = FLOAT32,
 ) -> tuple[bool, int]:
     """Tile (and, with a model, embed) one slide unless its cache is current. Returns (was_done_now, tiles).
 
@@ -247,9 +260,10 @@ def prepare_slide(
         if coords is None:
             coords = tile_grid(slide, tiling.target_mpp, tiling.tile_size, tiling.min_tissue)
         if model is not None and num_workers == 0:
-            features = embed_tiles(model, slide, coords, transform, batch_size, ms_aug, on_tiles=on_tiles)
+            features = embed_tiles(model, slide, coords, transform, batch_size, ms_aug, on_tiles=on_tiles,
+                                   precision=precision)  # fmt: skip
     if model is not None and num_workers > 0:  # workers open the slide themselves; this handle is closed first
-        features = embed_tiles(model, path, coords, transform, batch_size, ms_aug, num_workers, on_tiles)
+        features = embed_tiles(model, path, coords, transform, batch_size, ms_aug, num_workers, on_tiles, precision)
     if model is None and on_tiles is not None:
         on_tiles(len(coords))
     table = torch.tensor([[c.level, c.x, c.y, c.size] for c in coords], dtype=torch.int64).reshape(-1, 4)
@@ -269,14 +283,16 @@ def prepare_site(
     *,
     num_workers: int = 0,
     on_tiles: Callable[[int], None] | None = None,
+    precision: str = FLOAT32,
 ) -> PrepareResult:
     """Prepare every slide in ``slides`` (paths relative to the site root); a slide that fails is recorded with its
     reason (paths inside it relative to the site root) and the others go on.
 
     ``progress(message)`` is called after each slide with an identifier-free message ("slide 3 of 10");
-    ``on_tiles(k)`` after every ``k`` tiles read. ``num_workers`` DataLoader processes read tiles for embedding.
+    ``on_tiles(k)`` after every ``k`` tiles read. ``num_workers`` DataLoader processes read tiles for embedding;
+    ``precision`` (resolved: "float32" or "bfloat16") is the embedding's compute precision.
     """
-    fingerprint = model_fingerprint(model, ms_aug, tiling)
+    fingerprint = model_fingerprint(model, ms_aug, tiling, precision)
     result = PrepareResult()
     for i, rel in enumerate(slides, 1):
         counted = 0
@@ -290,7 +306,8 @@ def prepare_site(
         notes: list[str] = []
         try:
             done, n = prepare_slide(site_root, rel, tiling, fingerprint, model, transform, batch_size, ms_aug,
-                                    num_workers=num_workers, on_tiles=count, notes=notes)  # fmt: skip
+                                    num_workers=num_workers, on_tiles=count, notes=notes,
+                                    precision=precision)  # fmt: skip
         except CacheWriteError:
             raise  # the next slide would fail the same way
         except SiteDataError as err:

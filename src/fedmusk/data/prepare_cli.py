@@ -48,15 +48,19 @@ def run_prepare(
                       "with errors are left out.")  # fmt: skip
 
     model = transform = None
+    precision = "float32"
     if embed:
         from fedmusk.musk_model.transforms import musk_transform
-        from fedmusk.runtime import load_model, resolve_device
+        from fedmusk.runtime import load_model, model_precision, resolve_device
 
-        model = load_model(cfg.model, resolve_device(cfg.device), cfg.seed)
+        device = resolve_device(cfg.device)
+        precision = model_precision(cfg.model, device)
+        model = load_model(cfg.model, device, cfg.seed)
         transform = musk_transform(model.config.img_size)
+        console.print(f"Embedding tiles on {device.type} at {precision} (model.precision={cfg.model.precision}).")
 
     start = time.perf_counter()
-    result = _prepare_with_progress(site_root, slides, cfg, model, transform, console)
+    result = _prepare_with_progress(site_root, slides, cfg, model, transform, console, precision)
     seconds = time.perf_counter() - start
     _print_warnings(console, result)
     _print_failures(console, result)
@@ -64,7 +68,9 @@ def run_prepare(
     return 0 if report.ok and result.ok else 1
 
 
-def _prepare_with_progress(site_root, slides, cfg, model, transform, console: Console) -> PrepareResult:
+def _prepare_with_progress(
+    site_root, slides, cfg, model, transform, console: Console, precision: str = "float32"
+) -> PrepareResult:
     """prepare_site under a progress bar of slides done / total and tiles per second (counts only)."""
     bar = Progress(
         TextColumn("Preparing slides"), BarColumn(), MofNCompleteColumn(),
@@ -84,7 +90,7 @@ def _prepare_with_progress(site_root, slides, cfg, model, transform, console: Co
         return prepare_site(
             site_root, slides, TilingSettings.from_config(cfg.data), model, transform, cfg.data.batch_size,
             cfg.model.ms_aug, progress=lambda _message: bar.advance(task), num_workers=cfg.data.num_workers,
-            on_tiles=on_tiles,
+            on_tiles=on_tiles, precision=precision,
         )  # fmt: skip
 
 

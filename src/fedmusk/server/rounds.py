@@ -34,7 +34,15 @@ from typing import Any
 
 import torch
 
-from fedmusk.client.site_client import OUTCOME, PRETRAIN, AdapterLayout, config_from_yaml, round_phase
+from fedmusk.client.site_client import (
+    OUTCOME,
+    PRETRAIN,
+    AdapterLayout,
+    config_from_yaml,
+    phase_round,
+    round_phase,
+    round_roles,
+)
 from fedmusk.config import ConfigError, FedMuskConfig, to_yaml
 from fedmusk.server.checkpoint import list_rounds, load_latest, save_round
 from fedmusk.strategies.aggregation import (
@@ -73,6 +81,8 @@ def check_federation_config(cfg: FedMuskConfig) -> None:
         raise bad("strategy", f"{fed.strategy!r}; choose one of {sorted(SHARED_ROLES)}")
     if fed.strategy == "ffa" and not cfg.train.lora.ffa:
         raise ConfigError("federation.strategy=ffa needs train.lora.ffa=true (A frozen at the shared seed)")
+    if fed.strategy == "rolora" and cfg.train.lora.ffa:
+        raise ConfigError("federation.strategy=rolora trains A in every other round: set train.lora.ffa=false")
     if fed.rounds < 1 or fed.local_epochs < 1:
         raise bad("rounds", f"rounds and local_epochs must be >= 1, got {fed.rounds}, {fed.local_epochs}")
     if fed.pretrain_rounds < 0:
@@ -350,7 +360,9 @@ class RoundController:
 
     def _set_shared_names(self) -> None:
         shared = SHARED_ROLES[self.fed.strategy]
-        self.shared_names = sorted(n for n in self.global_state if tensor_role(n) in shared)  # what a round moves
+        self.shared_names = sorted(n for n in self.global_state if tensor_role(n) in shared)  # what rounds move
+        if self.fed.strategy == "rolora":
+            self.optimizer.expect(self.shared_names)  # each round moves one factor of them (round_names)
 
     def wait_for_sites(
         self,
@@ -413,7 +425,7 @@ class RoundController:
         elif self.fed.robust == "trimmed_mean":
             mean = trimmed_mean(updates, self.fed.trim_fraction)
         else:
-            mean = aggregate(updates, weights, self.fed.strategy)
+            mean = aggregate(updates, weights, self.fed.strategy, phase_round(self.cfg, round))
         return self._step(round, mean, sites)
 
     def aggregate_secure(self, round: int, uniform_mean: StateDict, replies: int, sites: Sequence[str]) -> StateDict:
@@ -448,8 +460,13 @@ class RoundController:
         record.dp_epsilon = self.accountant.report(self.fed.dp_delta).epsilon
         return {k: v / record.sampled for k, v in noised.items()}
 
+    def round_names(self, round: int) -> list[str]:
+        """The global tensors ``round`` moves (all of ``shared_names``, or for RoLoRA the factor of the round)."""
+        roles = round_roles(self.cfg, round)
+        return [n for n in self.shared_names if tensor_role(n) in roles]
+
     def _step(self, round: int, mean: StateDict, sites: Sequence[str]) -> StateDict:
-        expected = set(self.shared_names)
+        expected = set(self.round_names(round))
         if set(mean) != expected:
             raise RoundFailed(f"round {round}: the aggregate holds {sorted(set(mean) ^ expected)[:3]} unexpectedly")
         bad = [k for k, v in mean.items() if not bool(torch.isfinite(v).all())]

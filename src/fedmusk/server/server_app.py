@@ -27,6 +27,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedmusk.client.site_client import RUN_OUT_DIR, RUN_RESUME, config_from_run_config
 from fedmusk.config import FederationConfig
+from fedmusk.secagg_wire import restore_masked_vector
 from fedmusk.server.rounds import RoundController, save_global_adapter, site_error_text
 from fedmusk.strategies.flower import FedMuskStrategy
 
@@ -104,8 +105,9 @@ def _run_rounds(grid: MeteredGrid, context: Context, controller: RoundController
 
 
 class MeteredGrid(Grid):
-    """A Grid that bounds every wait for replies by ``reply_timeout_s``, counts payload bytes each way and keeps
-    the sites' error messages (which the sites scrubbed before sending)."""
+    """A Grid that bounds every wait for replies by ``reply_timeout_s``, counts payload bytes each way as they
+    travel, keeps the sites' error messages (which the sites scrubbed before sending) and restores SecAgg+'s
+    masked vectors, which the sites pack as uint32, to Flower's int64 before the workflow sums them."""
 
     def __init__(self, grid: Grid, reply_timeout_s: float):
         self._grid = grid
@@ -172,8 +174,10 @@ class MeteredGrid(Grid):
             if reply.has_error():
                 self.errors.append(site_error_text(str(reply.error.reason)))
                 continue
-            self.bytes_up += payload_bytes(reply)
+            self.bytes_up += payload_bytes(reply)  # as it travelled: packed
             self.uploaders.add(reply.metadata.src_node_id)
+            if reply.has_content():
+                restore_masked_vector(reply.content)
 
 
 def payload_bytes(message: Message) -> int:

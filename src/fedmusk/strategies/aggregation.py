@@ -10,7 +10,10 @@ component alone.
 Why averaging LoRA factors is subtle: averaging A and B separately (FedIT) yields ``mean(B) @ mean(A)``, which is
 not ``mean(B @ A)`` -- the cross terms ``B_i @ A_j`` (i != j) leak in. FFA-LoRA (Sun et al. 2024) freezes A at a
 shared initialisation, so the update is linear in B and averaging is exact. FedSA-LoRA (Guo et al. 2025) shares
-only A and keeps B and the head at the site (personalisation). ``SHARED_ROLES`` says what leaves a site per mode.
+only A and keeps B and the head at the site (personalisation). RoLoRA (Chen et al. 2025) alternates: in odd rounds
+of a phase every site trains and sends only B (A is the shared global A), in even rounds only A (B shared), so the
+plain mean of what the sites send is again the exact mean of their products. ``shared_roles`` says what leaves a
+site per mode and round.
 
 Secure aggregation: under SecAgg+ the server learns only the sum of what the sites send. To weight by example
 counts without revealing them, a site sends ``prepare_for_secure_sum(delta, weight)`` (the update pre-multiplied
@@ -30,13 +33,14 @@ import torch
 
 StateDict = dict[str, torch.Tensor]
 Role = Literal["A", "B", "head"]
-SharingMode = Literal["fedit", "ffa", "fedsa"]
+SharingMode = Literal["fedit", "ffa", "fedsa", "rolora"]
 
 # Which tensor roles leave a site in each sharing mode; the rest stay local.
 SHARED_ROLES: dict[str, frozenset[str]] = {
     "fedit": frozenset({"A", "B", "head"}),  # everything averaged (FedAvg of the factors)
     "ffa": frozenset({"B", "head"}),  # A frozen at a shared seed: never needs to travel
     "fedsa": frozenset({"A"}),  # A carries shared knowledge; B and head personalise
+    "rolora": frozenset({"A", "B", "head"}),  # over its rounds; in one round only one factor (rolora_factor)
 }
 
 # Name of the extra tensor that carries a site's weight through a secure sum.
@@ -88,15 +92,37 @@ def lora_products(state: Mapping[str, torch.Tensor]) -> StateDict:
 # --- sharing modes ---------------------------------------------------------------------------------------------
 
 
-def _shared_roles(mode: str) -> frozenset[str]:
+def rolora_factor(round: int) -> Role:
+    """The LoRA factor RoLoRA trains and sends in ``round`` of a phase (counted from 1): B in odd rounds (B starts at
+    zero, so A alone could not learn first), A in even rounds."""
+    if round < 1:
+        raise ValueError(f"RoLoRA counts rounds from 1, got {round}")
+    return "B" if round % 2 else "A"
+
+
+def shared_roles(mode: str, round: int | None = None) -> frozenset[str]:
+    """The tensor roles that leave a site in ``mode``; for RoLoRA in ``round`` of the phase (None: over all its
+    rounds). Raises ValueError for an unknown mode, or RoLoRA without a round where one is needed."""
     if mode not in SHARED_ROLES:
         raise ValueError(f"unknown sharing mode {mode!r}; expected one of {sorted(SHARED_ROLES)}")
+    if mode == "rolora" and round is not None:
+        return frozenset({rolora_factor(round), "head"})
     return SHARED_ROLES[mode]
 
 
-def partition(state: Mapping[str, torch.Tensor], mode: SharingMode) -> tuple[StateDict, StateDict]:
-    """Split a site's state into (shared, local): shared leaves the site in ``mode``, local never does."""
-    roles = _shared_roles(mode)
+def _shared_roles(mode: str, round: int | None = None) -> frozenset[str]:
+    roles = shared_roles(mode, round)
+    if mode == "rolora" and round is None:
+        raise ValueError("RoLoRA shares A or B depending on the round: pass the round of the phase")
+    return roles
+
+
+def partition(
+    state: Mapping[str, torch.Tensor], mode: SharingMode, round: int | None = None
+) -> tuple[StateDict, StateDict]:
+    """Split a site's state into (shared, local): shared leaves the site in ``mode`` (RoLoRA: in ``round`` of the
+    phase), local never does."""
+    roles = _shared_roles(mode, round)
     shared = {k: v for k, v in state.items() if tensor_role(k) in roles}
     local = {k: v for k, v in state.items() if tensor_role(k) not in roles}
     return shared, local
@@ -110,12 +136,18 @@ def merge_partition(shared: Mapping[str, torch.Tensor], local: Mapping[str, torc
     return {**local, **shared}
 
 
-def aggregate(updates: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float], mode: SharingMode) -> StateDict:
-    """Server-side aggregate of the shared parts for ``mode``.
+def aggregate(
+    updates: Sequence[Mapping[str, torch.Tensor]],
+    weights: Sequence[float],
+    mode: SharingMode,
+    round: int | None = None,
+) -> StateDict:
+    """Server-side aggregate of the shared parts for ``mode`` (RoLoRA: of ``round`` of the phase).
 
     Raises ValueError naming the update and tensor if a site sent a tensor that must stay local in ``mode``.
+    RoLoRA's weighted mean of one factor is exact: the other factor is the same global tensor at every site.
     """
-    roles = _shared_roles(mode)
+    roles = _shared_roles(mode, round)
     for i, update in enumerate(updates):
         leaked = sorted(k for k in update if tensor_role(k) not in roles)
         if leaked:

@@ -27,7 +27,7 @@ from flwr.server.client_manager import ClientManager  # noqa: E402
 from flwr.server.client_proxy import ClientProxy  # noqa: E402
 from flwr.server.strategy import Strategy  # noqa: E402
 
-from fedmusk.client.site_client import AdapterLayout  # noqa: E402
+from fedmusk.client.site_client import AdapterLayout, phase_round  # noqa: E402
 from fedmusk.server.rounds import RoundController, site_error_text, unique_site_names  # noqa: E402
 
 
@@ -44,10 +44,11 @@ class FedMuskStrategy(Strategy):
         """The layout of the global adapter now (it changes when a pretraining phase hands over to the outcome)."""
         return AdapterLayout.of(self.controller.global_state)
 
-    @property
-    def update_layout(self) -> AdapterLayout:
+    def update_layout(self, server_round: int) -> AdapterLayout:
+        """What every site sends in ``server_round`` (RoLoRA: that round's factor)."""
         fed = self.controller.fed
-        return self.global_layout.update_layout(fed.strategy, fed.secure_aggregation)
+        rnd = phase_round(self.controller.cfg, server_round)
+        return self.global_layout.update_layout(fed.strategy, fed.secure_aggregation, rnd)
 
     def global_parameters(self) -> Parameters:
         return ndarrays_to_parameters(self.global_layout.to_arrays(self.controller.global_state))
@@ -75,13 +76,16 @@ class FedMuskStrategy(Strategy):
         self.controller.record_fit(server_round, losses, [_failure_text(f) for f in failures])
         if self.secure:
             uniform = (
-                self.update_layout.from_arrays(parameters_to_ndarrays(results[0][1].parameters), torch.float64)
+                self.update_layout(server_round).from_arrays(
+                    parameters_to_ndarrays(results[0][1].parameters), torch.float64
+                )
                 if results
                 else {}
             )
             self.controller.aggregate_secure(server_round, uniform, len(results), sites)
         else:
-            updates = [self.update_layout.from_arrays(parameters_to_ndarrays(r.parameters)) for _, r in results]
+            layout = self.update_layout(server_round)
+            updates = [layout.from_arrays(parameters_to_ndarrays(r.parameters)) for _, r in results]
             weights = [float(r.num_examples) for _, r in results]
             self.controller.aggregate_plain(server_round, updates, weights, sites)
         return self.global_parameters(), {}

@@ -35,15 +35,24 @@ class ServerOptimizer:
         self.hparams = {k: float(v) for k, v in hparams.items()}
         self.rounds = 0
         self.buffers: dict[str, StateDict] = {b: {} for b in self.buffer_names}
-        self._names: list[str] | None = None  # tensor names fixed by the first step
+        self._names: list[str] | None = None  # tensor names fixed by the first step, or by ``expect``
+        self._partial = False  # whether a round may move only part of them (``expect``)
+
+    def expect(self, names) -> None:
+        """Declare every tensor name a round's delta may hold, when a round moves only part of them (RoLoRA moves
+        one LoRA factor a round); the tensors a round leaves out keep their values and moment buffers."""
+        self._names, self._partial = sorted(names), True
 
     def step(self, global_state: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor]) -> StateDict:
         """The next global state: tensors in ``delta`` moved by the optimiser, all others passed through.
 
-        Raises ValueError if ``delta`` holds other tensor names than earlier rounds or names the state lacks.
+        Raises ValueError if ``delta`` holds other tensor names than earlier rounds (than ``expect`` declared) or
+        names the state lacks.
         """
         names = sorted(delta)
-        if self._names is not None and names != self._names:
+        if self._partial and not set(names) <= set(self._names):
+            raise ValueError(f"round delta holds undeclared tensors: {sorted(set(names) - set(self._names))[:5]}")
+        if not self._partial and self._names is not None and names != self._names:
             changed = sorted(set(names) ^ set(self._names))
             raise ValueError(f"round delta holds different tensors from earlier rounds: {changed[:5]}")
         for name in names:  # validate everything before any buffer moves
@@ -53,7 +62,8 @@ class ServerOptimizer:
                 raise ValueError(
                     f"{name!r}: delta shape {tuple(delta[name].shape)} != {tuple(global_state[name].shape)}"
                 )
-        self._names = names
+        if not self._partial:
+            self._names = names
         out = dict(global_state)
         for name in names:
             x = global_state[name]
@@ -78,6 +88,7 @@ class ServerOptimizer:
             "hparams": dict(self.hparams),
             "rounds": self.rounds,
             "names": None if self._names is None else list(self._names),
+            "partial": self._partial,
             "buffers": {k: {n: t.clone() for n, t in b.items()} for k, b in self.buffers.items()},
         }
 
@@ -91,6 +102,7 @@ class ServerOptimizer:
             raise ValueError(f"checkpoint buffers {sorted(state['buffers'])} != expected {list(self.buffer_names)}")
         self.rounds = int(state["rounds"])
         self._names = None if state["names"] is None else list(state["names"])
+        self._partial = bool(state.get("partial", False))
         self.buffers = {k: {n: t.clone() for n, t in b.items()} for k, b in state["buffers"].items()}
 
 

@@ -26,11 +26,16 @@ class FeatureStore:
     cannot be read, or on which no tissue tile was found, is not an error here: ``unusable(site_root, slide)``
     gives its reason (``NO_TISSUE`` or ``UNREADABLE``) and a message for the site's own log, and the session
     leaves it out.
+    ``precision`` ("float32" or "bfloat16", resolved) is the embedding's compute precision.
     """
 
-    def __init__(self, base_model, tiling: TilingSettings, ms_aug: bool, batch_size: int = 32, progress=None):
+    def __init__(
+        self, base_model, tiling: TilingSettings, ms_aug: bool, batch_size: int = 32, progress=None,
+        precision: str = "float32",
+    ):  # fmt: skip
         self.model, self.tiling, self.ms_aug, self.batch_size = base_model, tiling, ms_aug, batch_size
-        self.fingerprint = model_fingerprint(base_model, ms_aug, tiling)
+        self.precision = precision if base_model is not None else "float32"
+        self.fingerprint = model_fingerprint(base_model, ms_aug, tiling, self.precision)
         self.progress = progress
         self._features: dict[tuple[Path, str], torch.Tensor] = {}
         self._unusable: dict[tuple[Path, str], tuple[str, str]] = {}
@@ -44,7 +49,7 @@ class FeatureStore:
             transform = musk_transform(self.model.config.img_size) if self.model is not None else None
             result = prepare_site(
                 site_root, stale, self.tiling, self.model, transform, self.batch_size, self.ms_aug,
-                progress=self.progress,
+                progress=self.progress, precision=self.precision,
             )  # fmt: skip
             for slide, reason in result.failed:
                 self._unusable[(site_root, slide)] = (UNREADABLE, f"cannot be read: {reason}")

@@ -5,12 +5,13 @@ round, a pooled (centralized) baseline and a single-site baseline.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from fedmusk.config import FedMuskConfig
+from fedmusk.config import ConfigError, FedMuskConfig
 from fedmusk.data.prepare import TilingSettings
 from fedmusk.musk_model.heads import (
     CaseFusion,
@@ -21,13 +22,23 @@ from fedmusk.musk_model.heads import (
     pad_bags,
     survival_curve,
 )
-from fedmusk.musk_model.lora import LoraSettings, adapter_state, apply_lora, load_adapter_state, task_heads
+from fedmusk.musk_model.lora import (
+    EXPERTS,
+    LoraSettings,
+    adapter_state,
+    apply_lora,
+    load_adapter_state,
+    task_heads,
+)
 from fedmusk.musk_model.losses import binary_response_loss, cox_partial_likelihood, discrete_time_nll
+from fedmusk.precision import FLOAT32, autocast, resolve_precision
 from fedmusk.training.cohort import CaseRecord
 from fedmusk.training.features import FeatureStore, TileReader
 from fedmusk.training.metrics import response_metrics, survival_metrics
 
 OUTCOME_TASKS = ("survival", "response")
+log = logging.getLogger(__name__)
+_SAID: set[str] = set()  # what has been logged once in this process
 
 
 @dataclass
@@ -52,12 +63,53 @@ class Predictions:
         return np.array([c.response for c in self.cases], dtype=int)
 
 
-def lora_settings(cfg: FedMuskConfig) -> LoraSettings:
+def lora_settings(cfg: FedMuskConfig, experts: tuple[str, ...] | None = None) -> LoraSettings:
+    """The configured LoRA (``train.lora``); ``experts`` replaces the configured experts when given."""
     lc = cfg.train.lora
     return LoraSettings(
-        rank=lc.rank, alpha=lc.alpha, dropout=lc.dropout, targets=tuple(lc.targets), experts=tuple(lc.experts),
-        ffa=lc.ffa, seed=cfg.seed,
-    )
+        rank=lc.rank, alpha=lc.alpha, dropout=lc.dropout, targets=tuple(lc.targets),
+        experts=tuple(lc.experts) if experts is None else experts, ffa=lc.ffa, seed=cfg.seed,
+    )  # fmt: skip
+
+
+def learnable_experts(cfg: FedMuskConfig) -> tuple[tuple[str, ...], dict[str, str]]:
+    """Which configured LoRA experts can receive a gradient in the outcome task, and why the others cannot.
+
+    The vision expert (A) sees tiles only in end-to-end training: cached features come from the frozen base model,
+    and ``fusion=report`` reads no tiles. The language expert (B) sees the report unless ``fusion=image``.
+    Returns ``(experts, {expert: reason})``; LoRA on the others would be trained and exchanged for nothing.
+    """
+    t = cfg.train
+    why_not: dict[str, str] = {}
+    if t.fusion == "report":
+        why_not["A"] = "train.fusion=report reads no tiles"
+    elif t.features == "cached":
+        why_not["A"] = "train.features=cached: tile features come from the frozen base model"
+    if t.fusion == "image":
+        why_not["B"] = "train.fusion=image reads no report"
+    configured = tuple(dict.fromkeys(t.lora.experts))
+    return tuple(e for e in configured if e not in why_not), {e: why_not[e] for e in configured if e in why_not}
+
+
+def outcome_lora_settings(cfg: FedMuskConfig) -> LoraSettings:
+    """The outcome model's LoRA: the configured settings on the experts that can learn (``learnable_experts``);
+    the others are neither trained nor exchanged, and the log says so once. ConfigError when none can learn."""
+    experts, dropped = learnable_experts(cfg)
+    if not experts:
+        reasons = "; ".join(dropped.values())
+        raise ConfigError(
+            f"train.lora.experts={list(cfg.train.lora.experts)}: no LoRA expert can learn ({reasons}); "
+            "use train.features=end2end or a fusion that reads the report"
+        )
+    for expert, reason in dropped.items():
+        message = (
+            f"LoRA on the {EXPERTS[expert]} expert ({expert}) is neither trained nor exchanged: {reason}"
+        )
+        if message not in _SAID:
+            _SAID.add(message)
+            log.warning(message)
+    return lora_settings(cfg, experts)
+
 
 
 class OutcomeTrainer:
@@ -87,8 +139,11 @@ class OutcomeTrainer:
         else:
             raise ValueError(f"train.survival_loss={t.survival_loss!r}: choose 'nll' or 'cox'")
         torch.manual_seed(cfg.seed)  # heads start identical at every site
-        self.model = apply_lora(base_model, lora_settings(cfg), extra_trainable={"fusion": fusion, "outcome": head})
+        settings = outcome_lora_settings(cfg)
+        self.model = apply_lora(base_model, settings, extra_trainable={"fusion": fusion, "outcome": head})
         self.model.to(self.device)
+        # MUSK's forward in training runs at model.precision; evaluation stays float32
+        self.precision = resolve_precision(cfg.model.precision, self.device)
         if t.features == "end2end":
             self.model.base_model.model.set_activation_checkpointing(True)
             self.tiles = TileReader(base_model.config.img_size, TilingSettings.from_config(cfg.data))
@@ -127,8 +182,9 @@ class OutcomeTrainer:
                 n = len(self.tiles.coords(case.site_root, slide))
                 order = torch.randperm(n, generator=self.generator) if train else torch.arange(n)
                 pixels = self.tiles.pixels(case.site_root, slide, order[:k].tolist()).to(self.device)
-                feats, _ = self.model(image=pixels, with_head=False, out_norm=False, ms_aug=self.cfg.model.ms_aug)
-                parts.append(feats)
+                with self._autocast(train):
+                    feats, _ = self.model(image=pixels, with_head=False, out_norm=False, ms_aug=self.cfg.model.ms_aug)
+                parts.append(feats.float())
         return torch.cat(parts)
 
     def _forward(self, cases: list[CaseRecord], train: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -138,11 +194,16 @@ class OutcomeTrainer:
             tiles, padding = pad_bags([self._bag(c, train) for c in cases])
         if self.cfg.train.fusion != "image":
             ids, pad = self.tokenizer.encode_batch([c.report for c in cases], max_len=self.cfg.model.max_text_len)
-            _, report = self.model(
-                text=ids.to(self.device), padding_mask=pad.to(self.device), with_head=False, out_norm=False
-            )
+            with self._autocast(train):
+                _, report = self.model(
+                    text=ids.to(self.device), padding_mask=pad.to(self.device), with_head=False, out_norm=False
+                )
+            report = report.float()
         embedding, attention = heads["fusion"](tiles, padding, report)
         return heads["outcome"](embedding), attention
+
+    def _autocast(self, train: bool):
+        return autocast(self.device, self.precision if train else FLOAT32)
 
     def _loss(self, logits: torch.Tensor, cases: list[CaseRecord]) -> torch.Tensor:
         t = self.cfg.train

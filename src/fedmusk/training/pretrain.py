@@ -46,6 +46,7 @@ from fedmusk.musk_model.losses import (
 )
 from fedmusk.musk_model.masking import block_mask, whole_word_mask
 from fedmusk.musk_model.transforms import musk_transform
+from fedmusk.precision import BFLOAT16, resolve_precision
 from fedmusk.runtime import load_model, load_tokenizer, resolve_device, seed_everything
 from fedmusk.training import augment
 from fedmusk.training.outcome import lora_settings
@@ -82,19 +83,20 @@ def carry_lora(pretrained: StateDict, target: StateDict) -> StateDict:
     """``target`` (e.g. an outcome trainer's ``adapter_state()``) with its LoRA tensors taken from ``pretrained``
     (a pretraining adapter); target's own heads are kept. Load the result with ``load_adapter_state``.
 
-    Both phases name LoRA tensors identically when they share the LoRA settings; AdapterStateError names the
-    tensors that differ otherwise (other rank, targets or experts).
+    Both phases name LoRA tensors identically when they share the LoRA settings. Pretrained LoRA the target does
+    not hold is left behind: the outcome model trains only the experts that can learn there (e.g. not the vision
+    expert on cached features, ``learnable_experts``). AdapterStateError names the tensors that differ otherwise
+    (target LoRA the pretraining lacks, other rank or targets).
     """
     source, wanted = lora_only(pretrained), lora_only(target)
     missing = sorted(set(wanted) - set(source))
-    extra = sorted(set(source) - set(wanted))
     shapes = [n for n in sorted(set(source) & set(wanted)) if source[n].shape != wanted[n].shape]
-    if missing or extra or shapes:
+    if missing or shapes:
         raise AdapterStateError(
-            "the pretraining adapter's LoRA does not fit: "
-            f"missing {missing}, not in the target {extra}, other shapes {shapes} (same train.lora settings?)"
+            f"the pretraining adapter's LoRA does not fit: missing {missing}, other shapes {shapes} "
+            "(same train.lora settings?)"
         )
-    return {**target, **source}
+    return {**target, **{n: source[n] for n in wanted}}
 
 
 # -- what the configuration alone decides: objectives and heads -------------------------------------------------------
@@ -261,8 +263,8 @@ class PretrainTrainer:
             for o in self.enabled
             if self._items(self.train_data, o)
         }
-        # bf16 on GPUs, as the paper trains; CPUs keep fp32 (bf16 autocast there is slow and only for testing)
-        self.autocast = self.device.type == "cuda"
+        # bf16 where the hardware has it (model.precision=auto), as the paper trains on GPUs
+        self.autocast = resolve_precision(cfg.model.precision, self.device) == BFLOAT16
         self.steps_done = 0
 
     # -- the exchanged state -----------------------------------------------------------------------------------------

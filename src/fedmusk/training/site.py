@@ -15,7 +15,7 @@ import torch
 
 from fedmusk.config import FedMuskConfig
 from fedmusk.data.prepare import TilingSettings
-from fedmusk.runtime import load_model, load_tokenizer, resolve_device, seed_everything
+from fedmusk.runtime import load_model, load_tokenizer, model_precision, resolve_device, seed_everything
 from fedmusk.training.cohort import CaseRecord, load_site_cases, split_cases
 from fedmusk.training.features import EXCLUSION_REASONS, FeatureStore
 from fedmusk.training.outcome import OutcomeTrainer
@@ -56,7 +56,10 @@ class SiteSession:
         if cfg.train.fusion != "report":
             # cached: tile features of the frozen base model; end2end: the tile grid only (pixels are read live)
             embedder = base if cfg.train.features == "cached" else None
-            features = FeatureStore(embedder, TilingSettings.from_config(cfg.data), cfg.model.ms_aug, cfg.data.batch_size, progress)
+            features = FeatureStore(
+                embedder, TilingSettings.from_config(cfg.data), cfg.model.ms_aug, cfg.data.batch_size, progress,
+                precision=model_precision(cfg.model, self.device),
+            )
             for case in cases:
                 features.ensure(case.site_root, case.slides)
         cases, self.excluded = _drop_unusable(cases, features, warn or log.warning)
