@@ -43,6 +43,7 @@ bench: $(STAMP) $(REAL_SVS)
 	$(BIN)/python benchmarks/bench_train.py
 	$(BIN)/python benchmarks/bench_federation.py $(BENCH_FEDERATION_ARGS)
 	$(BIN)/python benchmarks/bench_utility.py
+	$(BIN)/python benchmarks/bench_deployment.py
 	$(BIN)/python benchmarks/report.py
 
 clean:

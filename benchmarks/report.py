@@ -1,6 +1,7 @@
 """One results page from every benchmark's JSON: results/summary.md, written to be pasted into the README.
 
-Reads benchmarks/results/{bench_model, bench_data, bench_train, bench_federation, bench_utility, gpu, gpu_train}.json
+Reads benchmarks/results/{bench_model, bench_data, bench_train, bench_federation, bench_utility, bench_deployment,
+gpu, gpu_train}.json
 (whichever exist: a missing one is reported as "not run") and writes the key table of each area, every goal from
 the issues as met / NOT met with its number, links to the plots, the machine and its load, and the commands that
 reproduce each number. It re-runs nothing.
@@ -433,6 +434,31 @@ def gpu(page: Page, g: dict | None, train_only: dict | None, smoke: dict | None)
     page.sections.append(lines + [""])
 
 
+def deployment(page: Page, d: dict | None) -> None:
+    lines = ["### A deployed round vs the same round simulated (`bench_deployment.py`)", ""]
+    if not d:
+        page.sections.append(lines + ["Not run.", ""])
+        return
+    dep, sim = d["deployed_round_s"], d["simulated_round_s"]
+    lines += [f"3 tiny 8-case sites, SecAgg+, {d['rounds']} rounds, on loopback: `fedmusk server` (TLS, node "
+              "authentication, the Fleet proxy) and three `fedmusk client` daemons (SuperNode and site worker), "
+              "against `fedmusk simulate` over the same sites, in one run.", "",
+              "| | first round (s) | later rounds, median (s) |", "|---|---|---|",
+              f"| deployed | {dep['first']:.1f} | {dep['later_median']:.1f} |",
+              f"| simulated | {sim['first']:.1f} | {sim['later_median']:.1f} |", "",
+              f"Model builds per site in the deployed run: {d['deployed']['model_builds']}.", "",
+              f"Details (seconds per message and where they go): [{LINK}/bench_deployment.md]"
+              f"({LINK}/bench_deployment.md).", ""]  # fmt: skip
+    page.sections.append(lines)
+    page.goal("deployment", f"a deployed SecAgg+ round of tiny sites in at most {d['goal_round_s']:g} s",
+              f"{dep['later_median']:.1f} s (simulated {sim['later_median']:.1f} s, x{d['ratio_later_rounds']:.1f})",
+              d["goal_met"])  # fmt: skip
+    page.goal("deployment", "one model build per site per run, not one per message",
+              ", ".join(f"{k}: {v}" for k, v in d["deployed"]["model_builds"].items()), d["builds_goal_met"])
+    page.machines.append(f"- `bench_deployment.py`: {d['machine']}, {d['cores']} cores, 1-min load average "
+                         f"{_load(d['load_before'])} before, {_load(d['load_after'])} after")  # fmt: skip
+
+
 # -- the page ----------------------------------------------------------------------------------------------------------
 
 
@@ -443,6 +469,7 @@ COMMANDS = """\
     .venv/bin/python benchmarks/bench_train.py
     .venv/bin/python benchmarks/bench_federation.py --fresh
     .venv/bin/python benchmarks/bench_utility.py
+    .venv/bin/python benchmarks/bench_deployment.py
     .venv/bin/python benchmarks/report.py   # this page, from benchmarks/results/*.json
     benchmarks/gpu.sh [PYTHON]              # on a machine with one CUDA GPU (< 5 min on an H100)"""
 
@@ -464,6 +491,7 @@ def build(results: Path) -> str:
     scale(page, fed)
     utility(page, load("bench_utility"))
     utility_extra(page, load("bench_utility"), load("bench_utility_quick"))
+    deployment(page, load("bench_deployment"))
     smoke = load("gpu_smoke")
     passed = smoke if smoke and all(x["status"] == 0 for x in smoke["steps"]) else None
     gpu(page, load("gpu"), load("gpu_train"), passed)
