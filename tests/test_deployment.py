@@ -384,7 +384,7 @@ def test_a_site_worker_killed_mid_round_is_restarted_and_the_round_completes(fir
     assert coordinator.wait(RUN_TIMEOUT_S) == 0, coordinator.output()[-3000:]
     (record,) = rounds(world["root"] / "lost")
     assert record["sampled"] == 3 and record["replies"] >= 2, record
-    victim.wait_for(r"the site worker stopped \(exit -9\); starting it again", 30, since=before)
+    victim.wait_for(r"the site worker stopped \(exit -9\); starting it and the SuperNode again", 30, since=before)
 
 
 def _cmdline(pid: int) -> bytes:

@@ -166,10 +166,14 @@ class Tracker:
         )  # fmt: skip
 
     def log_final_test(
-        self, pooled: Mapping[str, Any], per_site: Mapping[str, Mapping[str, Any]], step: int = 0
+        self, pooled: Mapping[str, Any] | None, per_site: Mapping[str, Mapping[str, Any]], step: int = 0
     ) -> int:
         """The arm's final test: ``test/<metric>`` over all its test cases pooled, ``test_site/<site>/<metric>``
-        per site, each CI as the tag ``test/<metric>_ci`` ("low to high"). Returns how many metrics were logged."""
+        per site, each CI as the tag ``test/<metric>_ci`` ("low to high"). Returns how many metrics were logged.
+        ``pooled=None`` (no test cases): nothing is logged but the tag ``test/note``."""
+        if pooled is None:
+            self._client.set_tag(self.run_id, "test/note", "no test cases: nothing to test on")
+            return 0
         metrics = {"test": _test_numbers(pooled), "test_site": {s: _test_numbers(m) for s, m in per_site.items()}}
         for key in TEST_METRICS:
             ci = pooled.get(f"{key}_ci")

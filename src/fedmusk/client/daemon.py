@@ -345,7 +345,15 @@ def _supervise(argvs, log_file: Path, scrub, console: Console, stopping: dict, s
                         last = " | ".join(line for line in child.tail(3) if line.strip())
                         raise DaemonError(f"the site worker cannot run: {last}")
                     wait = restarts[name].stopped(ran)
-                    console.print(f"[yellow]the site worker stopped (exit {code}); starting it again in {wait:g} s[/]")
+                    # The SuperNode would wait for the lost task's reply before it takes another message: start
+                    # both afresh (the coordinator sees this site miss one reply, as after a crash of the machine).
+                    node = children["supernode"]
+                    if node is not None:
+                        node.stop()
+                        children["supernode"] = None
+                        restarts["supernode"].not_before = time.monotonic() + wait
+                    console.print(f"[yellow]the site worker stopped (exit {code}); starting it and the SuperNode "
+                                  f"again in {wait:g} s[/]")  # fmt: skip
                     continue
                 refused_since = _check_refusals(child, settings, refused_since, console)
                 wait = restarts[name].stopped(ran)
