@@ -39,6 +39,9 @@ CLIENT_TASK = "flwr-clientapp"
 ACQUIRE_METHOD = "/flwr.proto.Runtime/AcquireTask"
 POLL_S = 0.2  # between claims while idle: a local HTTP call, so a short wait costs nothing
 PULL_RETRY_S, PULL_RETRY_CAP_S = 0.05, 0.5  # waits for a message part the SuperNode is still storing
+# A message's parts are local to the SuperNode once it offers the task: a pull that takes longer is for a message the
+# SuperNode dropped (a run that ended while its message was on the way), and must not keep the worker from the next.
+PULL_MAX_S = 30.0
 HEARTBEAT_S = 15.0  # well inside the SuperNode's patience for a claimed task
 EXIT_FATAL = 2  # the daemon stops for good on this exit code (a wrong Flower version, an unreadable secret)
 
@@ -192,7 +195,8 @@ def _pull_task_input(client):
     """The task's message, context, run and app bundle, as Flower's ClientApp process pulls them, but retrying a
     message part that the SuperNode has not stored yet after 0.05 s rather than 1 s, then 2 s: the SuperNode offers
     the task as soon as the message's header is stored, and its content follows within milliseconds on this
-    machine (Flower's waits cost 3 s on every message that carries an adapter)."""
+    machine (Flower's waits cost 3 s on every message that carries an adapter). A message whose parts do not come
+    within PULL_MAX_S was dropped by the SuperNode: ObjectPullError, and the worker goes on to the next task."""
     from flwr.common.serde import context_from_proto, fab_from_proto, run_from_proto
     from flwr.proto.node_pb2 import Node  # pylint: disable=no-name-in-module
     from flwr.proto.runtime_pb2 import (  # pylint: disable=no-name-in-module
@@ -219,7 +223,8 @@ def _pull_task_input(client):
         tree,
         make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
         make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, context.run_id),
-        return_type=Message, max_tries_per_object=None, initial_backoff=PULL_RETRY_S, backoff_cap=PULL_RETRY_CAP_S,
+        return_type=Message, max_tries_per_object=None, max_time=PULL_MAX_S, initial_backoff=PULL_RETRY_S,
+        backoff_cap=PULL_RETRY_CAP_S,
     )  # fmt: skip
     message.metadata.__dict__["_message_id"] = tree.object_id  # a pulled message does not carry its own id
     return message, context, run, fab
