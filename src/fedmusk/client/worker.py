@@ -326,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--secret-file", required=True, type=Path, help="the file with the SuperNode's shared secret")
     args = parser.parse_args(argv)
     logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="fedmusk-worker: %(message)s", force=True)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per local runtime request says nothing useful
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
