@@ -22,7 +22,6 @@ import json
 import os
 import re
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,6 +30,8 @@ import time
 from pathlib import Path
 
 from _report import cpu_name, write_report
+
+from fedmusk.supervise import free_port
 
 RESULTS = Path(__file__).parent / "results"
 SITES = ("site-1", "site-2", "site-3")
@@ -44,12 +45,6 @@ federation: {rounds: %d, pretrain_rounds: 0, local_epochs: 1, min_sites: 3, min_
 GOAL_ROUND_S = 20.0
 MESSAGE = re.compile(r"fedmusk-worker: (train|evaluate) message: completed in ([0-9.]+) s \(([^)]*)\)")
 STEP = re.compile(r"(\w+) ([0-9.]+) s")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def fedmusk(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:

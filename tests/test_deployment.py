@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,7 @@ from safetensors.torch import load_file
 from fedmusk.certs import add_site, init_ca, site_key_pair
 from fedmusk.data.synth import synthesize_cohort
 from fedmusk.server.coordinator import _write_app
+from fedmusk.supervise import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -40,12 +40,6 @@ federation: {rounds: 2, pretrain_rounds: 0, local_epochs: 1, min_sites: 3, min_r
              wait_for_sites_s: 240, reply_timeout_s: 300}
 """
 RUN_TIMEOUT_S = 600
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Proc:

@@ -1,7 +1,6 @@
 """A study recorded on a real `mlflow server` (loopback): parent and child runs, the final test under one name, and
 a registered model that loads from the server and scores a site as `fedmusk predict` does."""
 
-import socket
 import subprocess
 import sys
 import time
@@ -10,16 +9,11 @@ import urllib.request
 import pytest
 
 from fedmusk.config import load_config
+from fedmusk.supervise import free_port
 
 # Slow: the server takes ~7 s to become healthy and registering and loading a pyfunc model through it ~20 s more on
 # 2 shared cores; it is the only test that runs fedmusk's tracking against a real server rather than a SQLite file.
 pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"), pytest.mark.slow]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -193,7 +193,7 @@ def file_sha256(path: str | os.PathLike) -> str:
 def model_fingerprint(cfg: FedMuskConfig) -> dict[str, str]:
     """What identifies the base model of ``cfg``: the preset and the sha256 of the weights and tokenizer files
     ("none" for random initialisation and fedmusk's own tiny tokenizer). Raises ConfigError for a missing file."""
-    out = {"preset": str(getattr(cfg.model.preset, "value", cfg.model.preset))}
+    out = {"preset": str(cfg.model.preset)}  # a StrEnum prints as its value
     for name, key in (("weights", "model.weights"), ("tokenizer", "model.tokenizer")):
         value = _get(cfg, key)
         if not value:

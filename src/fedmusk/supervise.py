@@ -30,6 +30,7 @@ FLOWER_ENV = {
 }
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+PRIVATE_UMASK = 0o077
 
 
 def flower_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -52,6 +53,15 @@ def flower_executable(name: str) -> str:
     if found is None:
         raise FileNotFoundError(f"Flower's {name} program is not installed in this environment; reinstall fedmusk")
     return found
+
+
+def write_private(path: Path, data: bytes | str) -> Path:
+    """Write ``data`` (text as UTF-8) to ``path`` with mode 0600, also when the file existed with a wider mode."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data.encode("utf-8") if isinstance(data, str) else data)
+    return path
 
 
 def open_private_log(path: Path):

@@ -47,12 +47,14 @@ from fedmusk.client.site_client import (
 from fedmusk.site_settings import SITE_SETTINGS_FILE, load_site_settings
 from fedmusk.supervise import (
     LOOPBACK,
+    PRIVATE_UMASK,
     Child,
     TLSVerificationError,
     flower_env,
     flower_executable,
     probe_tls,
     split_address,
+    write_private,
 )
 
 SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -94,7 +96,7 @@ def run_daemon(settings: DaemonSettings, console: Console) -> int:
     Raises DaemonError (and ConfigError/CertError/SiteDataError) for what the operator must fix."""
     # Everything the daemon, the SuperNode and the worker create (logs, runtime files, tile caches, FedSA's local
     # state) is readable by this account only.
-    previous = os.umask(0o077)
+    previous = os.umask(PRIVATE_UMASK)
     try:
         return _run_daemon(settings, console)
     finally:
@@ -248,21 +250,14 @@ def _check_runtime_port(port: int) -> None:
 
 def _line_scrubber(site_root: Path, console: Console):
     """Output lines without the site's path, case ids or report text (the scrubber of the site's manifest)."""
-    from fedmusk.data.scrub import Scrubber
+    from fedmusk.data.scrub import Scrubber, site_line_filter
 
     try:
         scrubber = Scrubber.from_site(site_root)
     except Exception as err:  # noqa: BLE001 - validation passed; a scrubber that cannot be built falls back
         console.print(f"[yellow]warning:[/] site scrubber unavailable ({type(err).__name__}); masking the path only")
         scrubber = None
-    paths = sorted({str(site_root), str(site_root.resolve())}, key=len, reverse=True)
-
-    def scrub(line: str) -> str:
-        for path in paths:
-            line = line.replace(path, "<site>")
-        return scrubber.text(line) if scrubber is not None else line
-
-    return scrub
+    return site_line_filter(site_root, scrubber)
 
 
 # -- the SuperNode -----------------------------------------------------------------------------------------------
@@ -278,17 +273,9 @@ def write_runtime_files(folder: Path, node_config: Mapping[str, str]) -> tuple[P
     ``--node-config`` would split them."""
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(folder, 0o700)
-    secret = _write_private(folder / "superexec.secret", secrets.token_hex(32).encode())
+    secret = write_private(folder / "superexec.secret", secrets.token_hex(32).encode())
     lines = [f"{key} = {toml_string(str(value))}" for key, value in node_config.items()]
-    return secret, _write_private(folder / "node-config.toml", ("\n".join(lines) + "\n").encode("utf-8"))
-
-
-def _write_private(path: Path, data: bytes) -> Path:
-    path.unlink(missing_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    return path
+    return secret, write_private(folder / "node-config.toml", ("\n".join(lines) + "\n").encode("utf-8"))
 
 
 def toml_string(value: str) -> str:

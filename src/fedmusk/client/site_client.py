@@ -191,6 +191,13 @@ def site_address(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) 
     )  # fmt: skip
 
 
+def site_policy(address: SiteAddress) -> SitePolicy:
+    """The site's egress policy: its policy file, or the built-in default (ConfigError names a bad file)."""
+    if address.policy is not None:
+        return SitePolicy.load(address.policy, address.root)
+    return SitePolicy.default(address.root)
+
+
 # --- what travels: adapter tensors as arrays in a fixed order ---------------------------------------------------
 
 
@@ -331,10 +338,7 @@ class SiteClient:
     @classmethod
     def from_address(cls, cfg: FedMuskConfig, address: SiteAddress) -> SiteClient:
         """The site client of a SuperNode: its policy file (or the default policy) and the policy's audit log."""
-        if address.policy is not None:
-            policy = SitePolicy.load(address.policy, address.root)
-        else:
-            policy = SitePolicy.default(address.root)
+        policy = site_policy(address)
         return cls(cfg, address.root, policy, AuditLog(policy.audit_log_path), address.name, address.recipient)
 
     # -- parts built on first use ------------------------------------------------------------------------------------

@@ -89,7 +89,10 @@ class SiteWorker:
     """Claims the SuperNode's ClientApp tasks and answers them with ``app`` (fedmusk's installed ClientApp)."""
 
     def __init__(self, runtime_address: str, secret: bytes, app=None, poll_s: float = POLL_S):
-        from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor, SuperExecAuthHttpInterceptor
+        from flwr.supercore.interceptors import (
+            RuntimeVersionHttpInterceptor,
+            SuperExecAuthHttpInterceptor,
+        )
         from flwr.supercore.runtime import RuntimeHttpClient
 
         if app is None:
@@ -139,7 +142,10 @@ class SiteWorker:
         from flwr.app import Message
         from flwr.app.error import Error
         from flwr.common.constant import ErrorCode, SubStatus
-        from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
+        from flwr.supercore.interceptors import (
+            RuntimeTokenHttpInterceptor,
+            RuntimeVersionHttpInterceptor,
+        )
         from flwr.supercore.runtime import RuntimeHttpClient
         from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
@@ -197,18 +203,20 @@ def _pull_task_input(client):
     the task as soon as the message's header is stored, and its content follows within milliseconds on this
     machine (Flower's waits cost 3 s on every message that carries an adapter). A message whose parts do not come
     within PULL_MAX_S was dropped by the SuperNode: ObjectPullError, and the worker goes on to the next task."""
+    from flwr.app import Message
     from flwr.common.serde import context_from_proto, fab_from_proto, run_from_proto
     from flwr.proto.node_pb2 import Node  # pylint: disable=no-name-in-module
     from flwr.proto.runtime_pb2 import (  # pylint: disable=no-name-in-module
         PullAppMessagesRequest,
         PullTaskInputRequest,
     )
-    from flwr.app import Message
     from flwr.supercore.inflatable.inflatable_protobuf_utils import (
         make_confirm_message_received_fn_protobuf,
         make_pull_object_fn_protobuf,
     )
-    from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
+    from flwr.supercore.inflatable.inflatable_utils import (
+        pull_and_inflate_object_from_tree,
+    )
     from flwr.supercore.task_identity import TaskIdentity
 
     task = client.PullTaskInput(PullTaskInputRequest())
@@ -285,11 +293,9 @@ def _site(node_config: Mapping[str, Any]):
 def record_refused_bundle(node_config: Mapping[str, Any], run_id: str, problems: list[str]) -> None:
     """Write the refusal into the site's audit log (the policy's, or the default one)."""
     from fedmusk.client.audit import AuditLog
-    from fedmusk.client.policy import SitePolicy
+    from fedmusk.client.site_client import site_policy
 
-    address = _site(node_config)
-    policy = SitePolicy.load(address.policy, address.root) if address.policy else SitePolicy.default(address.root)
-    AuditLog(policy.audit_log_path).record_refused_bundle(run_id, problems)
+    AuditLog(site_policy(_site(node_config)).audit_log_path).record_refused_bundle(run_id, problems)
 
 
 _SCRUBBERS: dict[str, Callable[[str], str]] = {}
@@ -304,17 +310,9 @@ def scrubbed_reason(err: BaseException, node_config: Mapping[str, Any] | None) -
         address = _site(node_config)
         root = str(address.root)
         if root not in _SCRUBBERS:
-            from fedmusk.data.scrub import Scrubber
+            from fedmusk.data.scrub import Scrubber, site_line_filter
 
-            scrubber = Scrubber.from_site(address.root)
-            paths = sorted({root, str(address.root.resolve())}, key=len, reverse=True)
-
-            def scrub(line: str, paths=paths, scrubber=scrubber) -> str:
-                for path in paths:
-                    line = line.replace(path, "<site>")
-                return scrubber.text(line)
-
-            _SCRUBBERS[root] = scrub
+            _SCRUBBERS[root] = site_line_filter(address.root, Scrubber.from_site(address.root))
         return _SCRUBBERS[root](text)
     except Exception:  # noqa: BLE001 - a scrubber that cannot be built: say only what kind of error it was
         return type(err).__name__

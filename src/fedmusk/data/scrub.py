@@ -23,7 +23,7 @@ import csv
 import json
 import logging
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path, PurePath
 
 from fedmusk.data.dicom_headers import dicom_patient_values
@@ -391,3 +391,17 @@ def _trie_regex(words: Iterable[str]) -> str:
     # Long single-child chains are concatenated, so nesting grows only at branch points; a path of 300 characters
     # still recurses once per character, well inside Python's limit.
     return build(trie)
+
+
+def site_line_filter(site_root: str | Path, scrubber: Scrubber | None = None) -> Callable[[str], str]:
+    """A filter for lines about the site at ``site_root`` (its own log, an error that leaves it): the site folder's
+    path written as ``<site>``, then everything ``scrubber`` removes (none: the path only)."""
+    root = Path(site_root)
+    paths = sorted({str(root), str(root.resolve())}, key=len, reverse=True)
+
+    def scrub(line: str) -> str:
+        for path in paths:
+            line = line.replace(path, "<site>")
+        return scrubber.text(line) if scrubber is not None else line
+
+    return scrub

@@ -49,9 +49,17 @@ from fedmusk.server.superlink import (
     stop_stale,
     wait_until_serving,
 )
-from fedmusk.supervise import LOOPBACK, Child, flower_env, free_port, run_flower_cli, write_pid_file
+from fedmusk.supervise import (
+    LOOPBACK,
+    PRIVATE_UMASK,
+    Child,
+    flower_env,
+    free_port,
+    run_flower_cli,
+    write_pid_file,
+    write_private,
+)
 
-PRIVATE_UMASK = 0o077
 STATUS_POLL_S = 10.0  # seconds between `flwr list` checks of the run's status while rounds remain
 
 
@@ -116,7 +124,7 @@ def run_coordinator(settings: CoordinatorSettings, console: Console) -> dict[str
         if tls is not None:
             _register_sites(tls["sites"], env, console)
         run_id = _launch(run_config, env)
-        _write_private(
+        write_private(
             out_dir / "deployment.json",
             json.dumps({"flower_run_id": run_id, "resumed": settings.resume, "started": time.time()}, indent=1)
         )
@@ -217,15 +225,6 @@ def _tighten_existing(state: Path) -> None:
             (state / name).chmod(0o600)
 
 
-def _write_private(path: Path, text: str) -> Path:
-    """Write ``text`` to ``path`` with mode 0600, also when the file existed with a wider mode."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.fchmod(fd, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    return path
-
-
 def _write_flower_home(home: Path, superlink_port: int, tls: dict[str, Any] | None) -> None:
     """The Flower CLI's configuration: one connection, to the SuperLink on loopback (never through the proxy)."""
     home.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -235,7 +234,7 @@ def _write_flower_home(home: Path, superlink_port: int, tls: dict[str, Any] | No
         lines.append("insecure = true")
     else:
         lines.append(f'root-certificates = "{Path(tls["paths"].ca_cert).resolve()}"')
-    _write_private(home / "config.toml", "\n".join(lines) + "\n")
+    write_private(home / "config.toml", "\n".join(lines) + "\n")
 
 
 def _write_app(app_dir: Path) -> Path:
@@ -417,7 +416,7 @@ def _summary(out_dir: Path, run_id: str) -> dict[str, Any]:
         "adapter": str(out_dir / "adapter"),
         "out_dir": str(out_dir),
     }
-    _write_private(out_dir / "summary.json", json.dumps(summary, indent=1, default=str))
+    write_private(out_dir / "summary.json", json.dumps(summary, indent=1, default=str))
     return summary
 
 
