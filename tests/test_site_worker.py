@@ -23,7 +23,12 @@ from fedmusk.client.site_client import (
     site_config,
     wire_run_config,
 )
-from fedmusk.client.worker import FLOWER_VERSION, WorkerError, bundle_problems, check_flower_version
+from fedmusk.client.worker import (
+    FLOWER_VERSION,
+    WorkerError,
+    bundle_problems,
+    check_flower_version,
+)
 from fedmusk.config import ConfigError, FedMuskConfig, load_config
 from fedmusk.server.coordinator import _write_app
 from fedmusk.site_settings import load_site_settings, parse_coordinator_config
@@ -120,38 +125,45 @@ def test_what_a_coordinator_sends_carries_no_site_local_setting(tmp_path):
     assert json.loads(wire[RUN_BASE_MODEL])["tokenizer"] != "none"
 
 
-def test_a_deployed_site_uses_its_own_settings_file(tmp_path):
+def deployed_site(tmp_path: Path, settings: str, tokenizer: bytes) -> Path:
+    """A site folder holding its own tokenizer file and a site-settings.yaml."""
     site = tmp_path / "site"
     site.mkdir()
-    (site / "tok.spm").write_bytes(b"tokenizer bytes")
-    (site / "site-settings.yaml").write_text("device: cpu\ndata: {batch_size: 4}\nmodel: {tokenizer: tok.spm}\n")
+    (site / "tok.spm").write_bytes(tokenizer)
+    (site / "site-settings.yaml").write_text(settings)
+    return site
+
+
+def config_at(site: Path, run_config: dict):
+    """The configuration the deployed site at ``site`` trains with for ``run_config``."""
+    node_config = {NODE_SITE_ROOT: str(site)}
+    return site_config(run_config, node_config, site_address(node_config, run_config))
+
+
+def test_a_deployed_site_uses_its_own_settings_file(tmp_path):
+    settings = "device: cpu\ndata: {batch_size: 4}\nmodel: {tokenizer: tok.spm}\n"
+    site = deployed_site(tmp_path, settings, b"tokenizer bytes")
     coordinator = tmp_path / "coordinator-tok.spm"
     coordinator.write_bytes(b"tokenizer bytes")  # the same release file, elsewhere on another machine
     run_config = wire_run_config(load_config([], [f"model.tokenizer={coordinator}", "train.epochs=2"]))
-    node_config = {NODE_SITE_ROOT: str(site)}
-    cfg = site_config(run_config, node_config, site_address(node_config, run_config))
+    cfg = config_at(site, run_config)
     assert (cfg.device, cfg.data.batch_size, cfg.train.epochs) == ("cpu", 4, 2)
     assert cfg.model.tokenizer == str((site / "tok.spm").resolve())
 
 
 def test_a_site_whose_base_model_differs_refuses_and_says_which_file(tmp_path):
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "tok.spm").write_bytes(b"an older tokenizer")
-    (site / "site-settings.yaml").write_text("model: {tokenizer: tok.spm}\n")
+    site = deployed_site(tmp_path, "model: {tokenizer: tok.spm}\n", b"an older tokenizer")
     theirs = tmp_path / "tok.spm"
     theirs.write_bytes(b"the release tokenizer")
     run_config = wire_run_config(load_config([], [f"model.tokenizer={theirs}"]))
-    node_config = {NODE_SITE_ROOT: str(site)}
     with pytest.raises(ConfigError, match=r"this site's tokenizer \(model.tokenizer in site-settings.yaml"):
-        site_config(run_config, node_config, site_address(node_config, run_config))
+        config_at(site, run_config)
 
 
 def test_a_deployed_site_ignores_no_site_settings_sent_by_a_coordinator(tmp_path):
     run_config = {**wire_run_config(FedMuskConfig()), RUN_SITE_SETTINGS: json.dumps({"device": "cuda:7"})}
-    node_config = {NODE_SITE_ROOT: str(tmp_path)}
     with pytest.raises(ConfigError, match="carries 'site-settings': a site chooses its own"):
-        site_config(run_config, node_config, site_address(node_config, run_config))
+        config_at(tmp_path, run_config)
 
 
 def test_a_settings_file_may_set_only_site_local_keys(tmp_path):
