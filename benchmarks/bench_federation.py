@@ -772,7 +772,7 @@ def main(argv=None) -> int:
         need = max([*(secagg_sites if "secagg" in sections else []), *(scale_sites if "scale" in sections else []), 0])
         roots = []
         if need:
-            from fedmusk.data.synth import synthesize_cohort
+            from fedmusk.data.synth.cohort import synthesize_cohort
 
             roots = synthesize_cohort(tmp / "cohort", sites=need, cases_per_site=args.cases, seed=0, progress=False,
                                       images=False, pretrain_tiles=0, pretrain_reports=2)  # fmt: skip

@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 
 from fedmusk.config import load_config
-from fedmusk.data.prepare import cache_dir, read_cache
-from fedmusk.data.synth import synthesize_cohort
+from fedmusk.data.prepare.pipeline import cache_dir, read_cache
+from fedmusk.data.synth.cohort import synthesize_cohort
 from fedmusk.training.site import SiteSession
 from _report import cpu_name, write_report  # noqa: E402 - sibling module in benchmarks/
 

@@ -54,7 +54,7 @@ QUICK = {"seeds": "0", "cases": "16,20,24", "test_share": 0.35, "val_share": 0.1
 def synthetic_cohort(out: Path, seed: int, s: argparse.Namespace, tile_px: int) -> tuple[list[Path], bool]:
     """The seed's synthetic cohort under ``out`` (made once; reused while its parameters stay the same), with the
     splits redrawn to ``s.test_share`` / ``s.val_share`` when given. Returns the site roots and whether reused."""
-    from fedmusk.data.synth import synthesize_cohort
+    from fedmusk.data.synth.cohort import synthesize_cohort
 
     params = {"layout": 2, "seed": seed, "cases": s.cases, "slide_px": s.slide_px, "tile_px": tile_px, "task": s.task,
               "test_share": s.test_share, "val_share": s.val_share, "pretrain": s.pretrain_rounds > 0}  # fmt: skip
@@ -529,7 +529,7 @@ def main(argv=None) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from fedmusk.config import load_config
-    from fedmusk.data.prepare_cli import run_prepare
+    from fedmusk.data.prepare.cli import run_prepare
     from fedmusk.tracking import Tracker
 
     torch.set_num_threads(1)  # the tiny model: one thread is fastest on a shared machine

@@ -126,7 +126,7 @@ def main(argv=None) -> int:
                       FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")  # fmt: skip
 
     from fedmusk.config import load_config
-    from fedmusk.data.synth import synthesize_cohort
+    from fedmusk.data.synth.cohort import synthesize_cohort
     from fedmusk.federation import run_simulation_from_config
     from fedmusk.musk_model.tokenizer import train_tiny_tokenizer
 

@@ -91,7 +91,7 @@ def write_dicom_slide(folder: Path, pseudonym: str = "C0001", **patient) -> Path
     as a hospital PACS export would have them (``PatientName="DOE^JANE"``, ``AccessionNumber=...``)."""
     import pydicom
 
-    from fedmusk.data.dicom_wsi import write_dicom_wsi
+    from fedmusk.data.slides.dicom_wsi import write_dicom_wsi
 
     rng = np.random.default_rng(1)
     image = rng.integers(80, 220, size=(96, 128, 3), dtype=np.uint8)

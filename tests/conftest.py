@@ -15,7 +15,7 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="session")
 def report_cohorts(tmp_path_factory):
     """Two independent synthetic cohorts of labels and reports only (no slides): (development, external)."""
-    from fedmusk.data.synth import synthesize_cohort
+    from fedmusk.data.synth.cohort import synthesize_cohort
 
     root = tmp_path_factory.mktemp("report-cohorts")
     dev = synthesize_cohort(root / "dev", sites=3, cases_per_site=100, seed=1, images=False, progress=False)
@@ -26,7 +26,7 @@ def report_cohorts(tmp_path_factory):
 @pytest.fixture(scope="session")
 def small_cohort(tmp_path_factory):
     """A small 3-site cohort with real slide files (DICOM and SVS-like TIFF), reports and pretraining data."""
-    from fedmusk.data.synth import synthesize_cohort
+    from fedmusk.data.synth.cohort import synthesize_cohort
 
     root = tmp_path_factory.mktemp("small-cohort")
     return synthesize_cohort(

@@ -1,4 +1,4 @@
-"""The coordinator's CA, the SuperLink TLS certificate and the sites' node keys (fedmusk.certs, `fedmusk certs`)."""
+"""The coordinator's CA, the SuperLink TLS certificate and the sites' node keys (fedmusk.ops.certs, `fedmusk certs`)."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from typer.testing import CliRunner
 
-from fedmusk import certs, certs_cli
-from fedmusk.certs import CertError, CertPaths
+from fedmusk.ops import certs, certs_cli
+from fedmusk.ops.certs import CertError, CertPaths
 
 posix_only = pytest.mark.skipif(os.name != "posix", reason="file modes are POSIX")
 

@@ -430,7 +430,7 @@ def test_k8s_coordinator_pod_is_locked_down_and_probed_on_the_superlink_port():
 
 
 def test_k8s_certs_layout_script_builds_the_certs_folder(tmp_path, monkeypatch):
-    from fedmusk import certs
+    from fedmusk.ops import certs
 
     source = certs.init_ca(tmp_path / "made")
     certs.add_site(tmp_path / "made", "hospital-a")

@@ -23,10 +23,10 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from fedmusk.certs import add_site, init_ca, site_key_pair
-from fedmusk.data.synth import synthesize_cohort
-from fedmusk.server.coordinator import _write_app
-from fedmusk.supervise import free_port
+from fedmusk.ops.certs import add_site, init_ca, site_key_pair
+from fedmusk.data.synth.cohort import synthesize_cohort
+from fedmusk.ops.coordinator import _write_app
+from fedmusk.ops.supervise import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -216,7 +216,7 @@ def test_a_sites_runtime_port_serves_task_claims_only_with_its_secret(first_run,
     from flwr.supercore.interceptors import SuperExecAuthHttpInterceptor
     from flwr.supercore.runtime import RuntimeHttpClient
 
-    from fedmusk.client.worker import ACQUIRE_METHOD, CLIENT_TASK
+    from fedmusk.ops.worker import ACQUIRE_METHOD, CLIENT_TASK
 
     assert first_run["code"] == 0
     address = f"127.0.0.1:{world['runtime_ports']['site-1']}"
@@ -372,7 +372,7 @@ def test_a_site_worker_killed_mid_round_is_restarted_and_the_round_completes(fir
         "federation.reply_timeout_s=60",
     )  # fmt: skip
     victim.wait_for(r"train message of run \d+ received", RUN_TIMEOUT_S, since=before)
-    workers = [pid for pid in child_pids(victim.proc.pid) if b"fedmusk.client.worker" in _cmdline(pid)]
+    workers = [pid for pid in child_pids(victim.proc.pid) if b"fedmusk.ops.worker" in _cmdline(pid)]
     assert len(workers) == 1
     kill_group(workers[0], signal.SIGKILL)  # the worker, in the middle of its training
     assert coordinator.wait(RUN_TIMEOUT_S) == 0, coordinator.output()[-3000:]

@@ -7,10 +7,10 @@ from _slides_helpers import WSI_SOP_CLASS, real_svs, tissue_image
 from pydicom.uid import JPEGBaseline8Bit
 from wsidicom import WsiDicom
 
-import fedmusk.data.dicom_wsi as dicom_wsi
-from fedmusk.data.dicom_wsi import convert_to_dicom, write_dicom_wsi
+import fedmusk.data.slides.dicom_wsi as dicom_wsi
+from fedmusk.data.slides.dicom_wsi import convert_to_dicom, write_dicom_wsi
 from fedmusk.data.slides import open_slide
-from fedmusk.data.tiles import TileCoord, read_tile, tile_grid
+from fedmusk.data.slides.tiles import TileCoord, read_tile, tile_grid
 
 JPEG_MEAN_ERROR = 4.0  # mean absolute difference per channel that JPEG at quality 90 stays well within
 # Re-encoding dense, textured real tissue costs more: 4 to 5 for a tile of skin at quality 95, chroma 4:2:2.

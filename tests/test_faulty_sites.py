@@ -166,7 +166,7 @@ def test_a_cache_that_cannot_be_written_stops_prepare_with_the_reason(small_coho
                                                                       message):  # fmt: skip
     from safetensors import SafetensorError
 
-    import fedmusk.data.prepare as prepare
+    import fedmusk.data.prepare.pipeline as prepare
 
     raised = {
         "full": SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No '
@@ -184,7 +184,7 @@ def test_a_dicom_wsi_without_its_base_level_is_refused_naming_series_and_level(t
     from _slides_helpers import tissue_image
     from _validation_helpers import make_site, row, write_manifest
 
-    from fedmusk.data.dicom_wsi import write_dicom_wsi
+    from fedmusk.data.slides.dicom_wsi import write_dicom_wsi
 
     site = make_site(tmp_path / "site", n_cases=1)
     series = write_dicom_wsi(tissue_image(512, 512), site / "slides" / "dicom", mpp=0.5, tile_size=128, levels=3)
@@ -238,7 +238,7 @@ def test_decomposed_unicode_file_names_match_the_manifest(tmp_path):
 
     from _validation_helpers import make_site
 
-    from fedmusk.data.manifest import read_manifest
+    from fedmusk.data.site.manifest import read_manifest
 
     site = make_site(tmp_path / "site")
     composed = unicodedata.normalize("NFC", "Müller-Straße")
@@ -257,8 +257,8 @@ def test_an_oversized_report_is_read_only_up_to_the_limit_with_a_warning(tmp_pat
 
     from _validation_helpers import make_site
 
-    from fedmusk.data.reports import REPORT_MAX_BYTES
-    from fedmusk.data.scrub import Scrubber
+    from fedmusk.data.site.reports import REPORT_MAX_BYTES
+    from fedmusk.data.site.scrub import Scrubber
 
     site = make_site(tmp_path / "site")
     huge = "Invasive adenocarcinoma, acinar pattern. Margins free of tumour.\n" * (20 * 2**20 // 64)  # 20 MiB

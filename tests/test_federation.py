@@ -27,7 +27,7 @@ from fedmusk.client.site_client import (
     secure_weight_cap,
 )
 from fedmusk.config import ConfigError, load_config
-from fedmusk.data.synth import synthesize_cohort
+from fedmusk.data.synth.cohort import synthesize_cohort
 from fedmusk.musk_model.lora import adapter_state as full_adapter_state
 from fedmusk.musk_model.lora import read_adapter_file
 from fedmusk.server.checkpoint import load_round

@@ -3,7 +3,7 @@
 import pytest
 
 from fedmusk.data.errors import SiteDataError
-from fedmusk.data.manifest import read_manifest, relative_site_path
+from fedmusk.data.site.manifest import read_manifest, relative_site_path
 
 from _validation_helpers import MANIFEST_HEADER, row, write_manifest
 

@@ -16,7 +16,7 @@ from sksurv.metrics import concordance_index_censored, concordance_index_ipcw, c
 from sksurv.metrics import integrated_brier_score as sksurv_integrated_brier_score
 from sksurv.util import Surv
 
-from fedmusk.training import metrics as m
+from fedmusk.evaluation import metrics as m
 from fedmusk.training.plots import plot_kaplan_meier, plot_roc, plot_round_curves
 
 TOL = 1e-9

@@ -10,7 +10,7 @@ import shutil
 import pytest
 from typer.testing import CliRunner
 
-from fedmusk.certs import add_site, init_ca
+from fedmusk.ops.certs import add_site, init_ca
 from fedmusk.cli import app
 
 runner = CliRunner()

@@ -12,8 +12,8 @@ from rich.console import Console
 
 from fedmusk.config import load_config
 from fedmusk.data.errors import SlideError
-from fedmusk.data.manifest import read_manifest
-from fedmusk.data.prepare import (
+from fedmusk.data.site.manifest import read_manifest
+from fedmusk.data.prepare.pipeline import (
     TilingSettings,
     cache_dir,
     model_fingerprint,
@@ -21,10 +21,10 @@ from fedmusk.data.prepare import (
     read_cache,
     slide_key,
 )
-from fedmusk.data.prepare_cli import run_prepare
+from fedmusk.data.prepare.cli import run_prepare
 from fedmusk.data.slides import open_slide
-from fedmusk.data.tile_loader import iter_tile_batches, read_tile_batch
-from fedmusk.data.tiles import read_tile, tile_grid
+from fedmusk.data.slides.tile_loader import iter_tile_batches, read_tile_batch
+from fedmusk.data.slides.tiles import read_tile, tile_grid
 from fedmusk.musk_model import musk_transform
 from fedmusk.runtime import load_model, model_precision
 
@@ -39,7 +39,7 @@ TINY = ["data.tile_size=96", "data.batch_size=8"]  # tiles at the tiny model's o
 @pytest.fixture(scope="module")
 def synthetic_sites(tmp_path_factory):
     """A 2-site synthetic cohort (site-1 writes SVS files, site-2 DICOM WSI series), 3 cases each, small slides."""
-    from fedmusk.data.synth import synthesize_cohort
+    from fedmusk.data.synth.cohort import synthesize_cohort
 
     root = tmp_path_factory.mktemp("prepare-cohort")
     return synthesize_cohort(root, sites=2, cases_per_site=3, seed=0, tile_px=32, progress=False, slide_px=384,
@@ -235,7 +235,7 @@ def test_a_slide_that_fails_inside_a_worker_raises_a_slide_error_naming_it(site)
 
 
 def test_real_svs_and_its_dicom_conversion_give_the_same_tiles_and_close_features(tmp_path):
-    from fedmusk.data.dicom_wsi import convert_to_dicom
+    from fedmusk.data.slides.dicom_wsi import convert_to_dicom
 
     site = tmp_path / "site"
     (site / "slides").mkdir(parents=True)

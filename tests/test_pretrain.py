@@ -13,7 +13,7 @@ from torch import nn
 
 from fedmusk.config import ConfigError, FedMuskConfig
 from fedmusk.data.errors import SiteDataError
-from fedmusk.data.synth import synthesize_cohort
+from fedmusk.data.synth.cohort import synthesize_cohort
 from fedmusk.musk_model.lora import AdapterStateError
 from fedmusk.runtime import load_model, load_tokenizer
 from fedmusk.training import augment

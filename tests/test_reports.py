@@ -3,7 +3,7 @@
 import pytest
 
 from fedmusk.data.errors import SiteDataError
-from fedmusk.data.reports import find_identifiers, read_report
+from fedmusk.data.site.reports import find_identifiers, read_report
 
 from _validation_helpers import CLEAN_REPORT
 

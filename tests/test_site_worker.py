@@ -13,7 +13,7 @@ import pytest
 from flwr.cli.build import build_fab_from_disk
 from flwr.common.config import parse_config_args
 
-from fedmusk.client.daemon import toml_string, write_runtime_files
+from fedmusk.ops.daemon import toml_string, write_runtime_files
 from fedmusk.client.site_client import (
     NODE_SITE_ROOT,
     RUN_BASE_MODEL,
@@ -23,14 +23,14 @@ from fedmusk.client.site_client import (
     site_config,
     wire_run_config,
 )
-from fedmusk.client.worker import (
+from fedmusk.ops.worker import (
     FLOWER_VERSION,
     WorkerError,
     bundle_problems,
     check_flower_version,
 )
 from fedmusk.config import ConfigError, FedMuskConfig, load_config
-from fedmusk.server.coordinator import _write_app
+from fedmusk.ops.coordinator import _write_app
 from fedmusk.site_settings import load_site_settings, parse_coordinator_config
 
 

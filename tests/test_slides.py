@@ -17,10 +17,10 @@ from _slides_helpers import (
 )
 from PIL import Image
 
-from fedmusk.data.dicom_wsi import write_dicom_wsi
+from fedmusk.data.slides.dicom_wsi import write_dicom_wsi
 from fedmusk.data.errors import SiteDataError, SlideError
 from fedmusk.data.slides import check_slide, open_slide
-from fedmusk.data.tissue import tissue_mask
+from fedmusk.data.slides.tissue import tissue_mask
 
 
 @pytest.fixture(scope="module")

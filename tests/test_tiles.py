@@ -5,10 +5,10 @@ import pytest
 from _slides_helpers import real_svs, tissue_image
 from PIL import Image
 
-from fedmusk.data.dicom_wsi import write_dicom_wsi
+from fedmusk.data.slides.dicom_wsi import write_dicom_wsi
 from fedmusk.data.slides import open_slide
-from fedmusk.data.tiles import TileCoord, level_for_mpp, read_tile, region_extent, sample_tiles, tile_grid
-from fedmusk.data.tissue import tissue_mask
+from fedmusk.data.slides.tiles import TileCoord, level_for_mpp, read_tile, region_extent, sample_tiles, tile_grid
+from fedmusk.data.slides.tissue import tissue_mask
 
 
 @pytest.fixture(scope="module")

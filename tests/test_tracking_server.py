@@ -9,7 +9,7 @@ import urllib.request
 import pytest
 
 from fedmusk.config import load_config
-from fedmusk.supervise import free_port
+from fedmusk.ops.supervise import free_port
 
 # Slow: the server takes ~7 s to become healthy and registering and loading a pyfunc model through it ~20 s more on
 # 2 shared cores; it is the only test that runs fedmusk's tracking against a real server rather than a SQLite file.

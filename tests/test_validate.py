@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from fedmusk.data.validate import ROW_HEADER, run_validate, validate_site
+from fedmusk.data.site.validate import ROW_HEADER, run_validate, validate_site
 
 from _validation_helpers import (
     CLEAN_REPORT,

@@ -34,11 +34,11 @@ def _fail(message: str, code: int = 2) -> None:
 
 def _user_errors():
     """Errors that are the user's to fix: printed in one line, no traceback."""
-    from fedmusk.certs import CertError
-    from fedmusk.client.daemon import DaemonError
+    from fedmusk.ops.certs import CertError
+    from fedmusk.ops.daemon import DaemonError
     from fedmusk.config import ConfigError
     from fedmusk.musk_model.weights import WeightsMismatchError
-    from fedmusk.server.coordinator import CoordinatorError
+    from fedmusk.ops.coordinator import CoordinatorError
 
     from fedmusk.training.bundle import ModelMismatchError
 
@@ -116,7 +116,7 @@ def validate(
     quick: Annotated[bool, typer.Option("--quick", help="Check headers only; do not read every slide.")] = False,
 ) -> None:
     """Check a site's manifest, slides, reports and pretrain/ folder; exit 1 when anything must be fixed."""
-    from fedmusk.data.validate import run_validate
+    from fedmusk.data.site.validate import run_validate
 
     raise typer.Exit(run_validate(site_root, console, check_slides=not quick))
 
@@ -134,7 +134,7 @@ def synth(
     overwrite: Annotated[bool, typer.Option(help="Replace an earlier synthetic cohort in OUT_DIR.")] = False,
 ) -> None:
     """Write a synthetic multi-hospital cohort (DICOM WSI and SVS slides, reports, outcomes) for demos and tests."""
-    from fedmusk.data.synth import synthesize_cohort
+    from fedmusk.data.synth.cohort import synthesize_cohort
 
     counts = None if not cases_per_site else (cases_per_site[0] if len(cases_per_site) == 1 else tuple(cases_per_site))
     roots = _run_synth(
@@ -185,7 +185,7 @@ def prepare(
     """Validate a site, cut its slides into tissue tiles and cache frozen-MUSK tile features inside the site.
 
     Resumable: slides whose cache is current are skipped; a damaged slide is reported and the others go on."""
-    from fedmusk.data.prepare_cli import run_prepare
+    from fedmusk.data.prepare.cli import run_prepare
 
     cfg = _run(_load, config, overrides)
     raise typer.Exit(_run(run_prepare, site_root, cfg, console, embed=not tiles_only, check_slides=not quick))
@@ -277,7 +277,7 @@ def server(
 ) -> None:
     """Coordinator: start a SuperLink (TLS, site authentication) behind a proxy that publishes only its Fleet API,
     run the federation, show its rounds."""
-    from fedmusk.server.coordinator import CoordinatorSettings, RoundFailed, run_coordinator
+    from fedmusk.ops.coordinator import CoordinatorSettings, RoundFailed, run_coordinator
 
     settings = CoordinatorSettings(
         [config], _with_tracking(overrides, tracking_uri, experiment), certs=certs, state=state, out=out, host=host,
@@ -333,7 +333,7 @@ def client(
     ] = False,
 ) -> None:
     """Hospital daemon: check the site, then run its SuperNode (TLS, site key) and the site worker until stopped."""
-    from fedmusk.client.daemon import DaemonSettings, run_daemon
+    from fedmusk.ops.daemon import DaemonSettings, run_daemon
 
     settings = DaemonSettings(
         site_root, name, superlink, ca=ca, key=key, policy=policy, runtime_port=runtime_port, log_file=log_file,
@@ -426,7 +426,7 @@ def _default_config(name: str) -> Path:
 
 
 def _mount_subcommands() -> None:
-    from fedmusk.certs_cli import app as certs_app
+    from fedmusk.ops.certs_cli import app as certs_app
 
     app.add_typer(certs_app, name="certs", help="Certificates and site keys for a TLS federation.")
 

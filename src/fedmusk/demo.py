@@ -48,7 +48,7 @@ def print_similarity_table(console: Console, names, texts, sims: torch.Tensor, p
 def run_demo(cfg: FedMuskConfig, console: Console, workdir: Path = Path("runs/demo")) -> dict:
     """The federated story end to end: a synthetic 3-hospital cohort (made once), a SecAgg+ federation of the three
     hospitals, a pooled (centralized) baseline and each hospital alone; prints the test results side by side."""
-    from fedmusk.data.synth import synthesize_cohort
+    from fedmusk.data.synth.cohort import synthesize_cohort
     from fedmusk.federation import run_simulation_from_config
     from fedmusk.training.run import run_train
 

@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from fedmusk.client.audit import AuditLog
 from fedmusk.client.policy import EgressRefused, SitePolicy
 from fedmusk.config import ConfigError, FedMuskConfig, to_yaml
-from fedmusk.data.scrub import Scrubber
+from fedmusk.data.site.scrub import Scrubber
 from fedmusk.runtime import seed_everything
 from fedmusk.site_settings import (
     SITE_SETTINGS_FILE,

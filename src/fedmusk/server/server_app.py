@@ -29,7 +29,7 @@ from fedmusk.client.site_client import RUN_OUT_DIR, RUN_RESUME, config_from_run_
 from fedmusk.config import FederationConfig
 from fedmusk.secagg_wire import restore_masked_vector
 from fedmusk.server.rounds import RoundController, save_global_adapter, site_error_text
-from fedmusk.strategies.flower import FedMuskStrategy
+from fedmusk.server.strategy import FedMuskStrategy
 
 DEFAULT_OUT_DIR = "fedmusk-out"
 ADAPTER_DIR = "adapter"  # the final global adapter, peft format, inside out-dir

@@ -1,1 +1,2 @@
-"""Training engine pieces that know nothing about Flower: evaluation metrics and report plots."""
+"""The site training engine: outcome and pretraining trainers behind one session, model bundles, prediction and
+plots. Nothing here knows about Flower."""

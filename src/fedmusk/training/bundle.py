@@ -54,7 +54,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
 def base_fingerprints(cfg: FedMuskConfig, base) -> dict[str, str]:
     """``base``: the base MUSK's tensors alone; ``features``: what the site's tile-feature cache records (the base
     together with the tiling and multi-scale setting), so a cache made for this model is recognised."""
-    from fedmusk.data.prepare import TilingSettings, model_fingerprint
+    from fedmusk.data.prepare.pipeline import TilingSettings, model_fingerprint
 
     return {
         "base": model_fingerprint(base, False, TilingSettings()),

@@ -6,8 +6,8 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedmusk.data.manifest import read_manifest
-from fedmusk.data.reports import REPORT_MAX_BYTES, read_report
+from fedmusk.data.site.manifest import read_manifest
+from fedmusk.data.site.reports import REPORT_MAX_BYTES, read_report
 
 SPLITS = ("train", "val", "test")
 

@@ -20,7 +20,7 @@ import numpy as np
 from rich.console import Console
 
 from fedmusk.training.bundle import Bundle, ModelMismatchError, open_bundle, resolve_model
-from fedmusk.training.metrics import (
+from fedmusk.evaluation.metrics import (
     UndefinedMetricError,
     auroc,
     bootstrap_ci,

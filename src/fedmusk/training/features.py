@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 
 from fedmusk.data.errors import SiteDataError
-from fedmusk.data.prepare import TilingSettings, is_current, model_fingerprint, prepare_site, read_cache
+from fedmusk.data.prepare.pipeline import TilingSettings, is_current, model_fingerprint, prepare_site, read_cache
 from fedmusk.data.slides import open_slide
-from fedmusk.data.tiles import read_tile
+from fedmusk.data.slides.tiles import read_tile
 from fedmusk.musk_model.transforms import musk_transform
 
 # Why a slide gives a case nothing to learn from; the keys of the exclusion counts in metrics.

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from fedmusk.config import ConfigError, FedMuskConfig
-from fedmusk.data.prepare import TilingSettings
+from fedmusk.data.prepare.pipeline import TilingSettings
 from fedmusk.musk_model.heads import (
     CaseFusion,
     ResponseHead,
@@ -34,7 +34,7 @@ from fedmusk.musk_model.losses import binary_response_loss, cox_partial_likeliho
 from fedmusk.precision import FLOAT32, autocast, resolve_precision
 from fedmusk.training.cohort import CaseRecord
 from fedmusk.training.features import FeatureStore, TileReader
-from fedmusk.training.metrics import response_metrics, survival_metrics
+from fedmusk.evaluation.metrics import response_metrics, survival_metrics
 
 OUTCOME_TASKS = ("survival", "response")
 log = logging.getLogger(__name__)

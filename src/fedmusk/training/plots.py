@@ -17,7 +17,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from fedmusk.training.metrics import (
+from fedmusk.evaluation.metrics import (
     UndefinedMetricError,
     _binary,
     _step,

@@ -33,7 +33,7 @@ class Predictor:
     tokenizer or adapter layout differ from the model's, ConfigError for settings that cannot load."""
 
     def __init__(self, bundle: Bundle, progress: Callable[[str], None] | None = None):
-        from fedmusk.data.prepare import TilingSettings
+        from fedmusk.data.prepare.pipeline import TilingSettings
         from fedmusk.musk_model.lora import read_adapter_file
         from fedmusk.runtime import check_model_config, load_model, load_tokenizer, resolve_device, seed_everything
         from fedmusk.training.features import FeatureStore
@@ -66,7 +66,7 @@ class Predictor:
         for this model instead). Slides without a cache are prepared when scored."""
         if self.features is None or self.cfg.train.features != "cached" or reprepare:
             return
-        from fedmusk.data.prepare import TilingSettings, read_cache, tiling_fingerprint
+        from fedmusk.data.prepare.pipeline import TilingSettings, read_cache, tiling_fingerprint
 
         tiling = tiling_fingerprint(TilingSettings.from_config(self.cfg.data))
         for case in cases:
@@ -157,8 +157,8 @@ def select_cases(bundle: Bundle, site_root: Path, split: str = "all", manifest: 
 def read_new_cases(site_root: Path, manifest: Path) -> list[CaseRecord]:
     """Cases from a CSV with ``case_id``, ``slide`` and optional ``report`` columns (one row per slide; outcome
     columns are ignored). Raises SiteDataError naming the row and field."""
-    from fedmusk.data.manifest import relative_site_path
-    from fedmusk.data.reports import read_report
+    from fedmusk.data.site.manifest import relative_site_path
+    from fedmusk.data.site.reports import read_report
 
     site_root = Path(site_root)
     if not manifest.is_file():

@@ -22,7 +22,7 @@ import numpy as np
 
 from fedmusk.config import FedMuskConfig
 from fedmusk.data.errors import SiteDataError
-from fedmusk.data.prepare import (
+from fedmusk.data.prepare.pipeline import (
     CacheWriteError,
     TilingSettings,
     is_current,
@@ -30,7 +30,7 @@ from fedmusk.data.prepare import (
     prepare_slide,
     read_cache,
 )
-from fedmusk.data.tiles import TileCoord, read_tile, sample_tiles, tile_grid
+from fedmusk.data.slides.tiles import TileCoord, read_tile, sample_tiles, tile_grid
 from fedmusk.training.cohort import load_site_cases
 from fedmusk.training.pretrain_data import PretrainData, PretrainImage, PretrainPair, split_document
 

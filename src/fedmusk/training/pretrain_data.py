@@ -1,6 +1,6 @@
 """A site's continued-pretraining data, read from ``<site_root>/pretrain/``.
 
-The layout is the one ``fedmusk validate`` checks (``fedmusk.data.validate_pretrain``):
+The layout is the one ``fedmusk validate`` checks (``fedmusk.data.site.validate_pretrain``):
 
 - ``images/``: unpaired tissue tiles (.png, .jpg, .jpeg, in any sub-folder), for masked image modelling;
 - ``text/``: unpaired pathology text, ``.txt`` (one document per file) and ``.jsonl`` (one JSON object a line
@@ -25,8 +25,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from fedmusk.data.errors import SiteDataError
-from fedmusk.data.manifest import relative_site_path
-from fedmusk.data.reports import read_report
+from fedmusk.data.site.manifest import relative_site_path
+from fedmusk.data.site.reports import read_report
 from fedmusk.training.cohort import assign_split
 
 PRETRAIN_DIR = "pretrain"

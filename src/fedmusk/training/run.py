@@ -151,7 +151,7 @@ def run_train(
 def check_site_folders(site_roots: Sequence[Path]) -> None:
     """ConfigError, before anything starts, for a site folder that does not exist or holds no manifest.csv, and
     for a site given twice (it would be counted twice)."""
-    from fedmusk.data.manifest import MANIFEST_NAME
+    from fedmusk.data.site.manifest import MANIFEST_NAME
 
     seen: dict[Path, Path] = {}
     for root in site_roots:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from fedmusk.config import FedMuskConfig
-from fedmusk.data.prepare import TilingSettings
+from fedmusk.data.prepare.pipeline import TilingSettings
 from fedmusk.runtime import load_model, load_tokenizer, model_precision, resolve_device, seed_everything
 from fedmusk.training.cohort import CaseRecord, load_site_cases, split_cases
 from fedmusk.training.features import EXCLUSION_REASONS, FeatureStore

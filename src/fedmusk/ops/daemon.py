@@ -8,7 +8,7 @@ sizes) and (when the coordinator is up) the SuperLink's TLS certificate. Then it
 - Flower's SuperNode, with TLS and the site key, ``--isolation process``: it exchanges messages with the coordinator
   and runs no app itself. Its runtime port listens on 127.0.0.1 only, and claiming a task there needs a secret
   that the daemon writes afresh at each start (0600, in ``<site>/.fedmusk/runtime``).
-- fedmusk's site worker (``fedmusk.client.worker``): it claims the SuperNode's tasks with that secret and answers
+- fedmusk's site worker (``fedmusk.ops.worker``): it claims the SuperNode's tasks with that secret and answers
   them with the installed fedmusk, never with code from the network, keeping the site's model between messages.
 
 Either program that stops for a transient reason is started again with back-off (the SuperNode itself retries lost
@@ -45,7 +45,7 @@ from fedmusk.client.site_client import (
     SITE_POLICY_FILE,
 )
 from fedmusk.site_settings import SITE_SETTINGS_FILE, load_site_settings
-from fedmusk.supervise import (
+from fedmusk.ops.supervise import (
     LOOPBACK,
     PRIVATE_UMASK,
     Child,
@@ -61,7 +61,7 @@ SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 LOG_FILE = Path(".fedmusk") / "logs" / "client.log"
 RUNTIME_DIR = Path(".fedmusk") / "runtime"  # the SuperNode's shared secret and node config (0700 folder, 0600 files)
 BACKOFF_S = (2.0, 5.0, 15.0, 30.0, 60.0)
-WORKER_FATAL = 2  # the site worker's exit code for "cannot run at all" (fedmusk.client.worker.EXIT_FATAL)
+WORKER_FATAL = 2  # the site worker's exit code for "cannot run at all" (fedmusk.ops.worker.EXIT_FATAL)
 STABLE_S = 300.0  # a SuperNode that ran this long before stopping starts again without waiting long
 
 # What Flower's SuperNode prints when the coordinator refuses the site's key (Flower 1.42: exit code 305 with
@@ -129,7 +129,7 @@ def _run_daemon(settings: DaemonSettings, console: Console) -> int:
         "--node-config", str(node_config_file), "--isolation", "process",
         "--superexec-auth-secret-file", str(secret), "--host", "127.0.0.1", "--port", str(settings.runtime_port),
     ]  # fmt: skip
-    worker_argv = [sys.executable, "-m", "fedmusk.client.worker", "--runtime", runtime, "--secret-file", str(secret)]
+    worker_argv = [sys.executable, "-m", "fedmusk.ops.worker", "--runtime", runtime, "--secret-file", str(secret)]
 
     stopping = {"now": False}
 
@@ -173,7 +173,7 @@ def _check_arguments(settings: DaemonSettings, site_root: Path) -> tuple[str, in
 
 def _check_site(settings: DaemonSettings, site_root: Path, console: Console) -> Path | None:
     """Validate the site data and load the policy; returns the policy file used (None: the built-in default)."""
-    from fedmusk.data.validate import run_validate
+    from fedmusk.data.site.validate import run_validate
 
     if run_validate(site_root, console, check_slides=not settings.quick) != 0:
         raise DaemonError(
@@ -223,7 +223,7 @@ def _check_credentials(settings: DaemonSettings, host: str, port: int, console: 
     if settings.insecure:
         console.print("[bold yellow]warning:[/] development mode: no TLS, no node authentication")
         return None
-    from fedmusk.certs import check_site_files
+    from fedmusk.ops.certs import check_site_files
 
     assert settings.ca is not None and settings.key is not None
     fingerprint = check_site_files(settings.ca, settings.key)
@@ -250,7 +250,7 @@ def _check_runtime_port(port: int) -> None:
 
 def _line_scrubber(site_root: Path, console: Console):
     """Output lines without the site's path, case ids or report text (the scrubber of the site's manifest)."""
-    from fedmusk.data.scrub import Scrubber, site_line_filter
+    from fedmusk.data.site.scrub import Scrubber, site_line_filter
 
     try:
         scrubber = Scrubber.from_site(site_root)

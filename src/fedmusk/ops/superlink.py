@@ -17,8 +17,8 @@ from typing import Any
 
 from rich.console import Console
 
-from fedmusk.server import fleet_proxy
-from fedmusk.supervise import Child, flower_executable, group_running, port_open, stop_stale_process
+from fedmusk.ops import fleet_proxy
+from fedmusk.ops.supervise import Child, flower_executable, group_running, port_open, stop_stale_process
 
 CONNECTION = "fedmusk"  # the name of the SuperLink connection in the state folder's Flower home
 STARTUP_TIMEOUT_S = 90.0

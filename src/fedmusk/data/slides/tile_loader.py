@@ -11,7 +11,7 @@ import torch
 
 from fedmusk.data.errors import SiteDataError, SlideError
 from fedmusk.data.slides import Slide, open_slide
-from fedmusk.data.tiles import TileCoord, read_tile, region_extent
+from fedmusk.data.slides.tiles import TileCoord, read_tile, region_extent
 from fedmusk.musk_model.transforms import MUSK_MEAN, MUSK_STD, MuskTransform
 
 _MAX_RUN = 16  # grid tiles read as one strip, at most

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from fedmusk.data.synth_outcomes import sample_biology
-from fedmusk.data.synth_reports import describe_tile, report_body, write_report
-from fedmusk.data.synth_sites import SiteProfile
-from fedmusk.data.synth_tissue import LABEL_NAMES, TissueBiology, render_section
+from fedmusk.data.synth.outcomes import sample_biology
+from fedmusk.data.synth.reports import describe_tile, report_body, write_report
+from fedmusk.data.synth.sites import SiteProfile
+from fedmusk.data.synth.tissue import LABEL_NAMES, TissueBiology, render_section
 
 PRETRAIN_MPP = 0.5
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from fedmusk.data.errors import SlideError
-from fedmusk.data.slides import Slide, SlideLevel, valid_mpp
+from fedmusk.data.slides.base import Slide, SlideLevel, valid_mpp
 
 _UNIT_TO_MICRONS = {"centimeter": 1e4, "inch": 25400.0}
 # Bytes per value of each TIFF field type (BYTE, ASCII, SHORT, LONG, RATIONAL, ..., LONG8, SLONG8, IFD8).

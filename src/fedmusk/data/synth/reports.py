@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedmusk.data.synth_outcomes import CaseBiology
+from fedmusk.data.synth.outcomes import CaseBiology
 
 REPORT_STYLES = ("synoptic", "narrative", "structured")
 

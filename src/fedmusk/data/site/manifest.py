@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from fedmusk.data.errors import SiteDataError
-from fedmusk.data.problems import ERROR, Problem, error, warning
+from fedmusk.data.site.problems import ERROR, Problem, error, warning
 
 MANIFEST_NAME = "manifest.csv"
 REQUIRED_COLUMNS = ("case_id", "slide", "time", "event")

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import numpy as np
 
-from fedmusk.data.dicom_wsi import write_dicom_wsi
-from fedmusk.data.synth_outcomes import CaseBiology
-from fedmusk.data.synth_sites import SiteProfile
-from fedmusk.data.synth_svs import write_svs
-from fedmusk.data.synth_tissue import BACKGROUND, TissueBiology, render_section
+from fedmusk.data.slides.dicom_wsi import write_dicom_wsi
+from fedmusk.data.synth.outcomes import CaseBiology
+from fedmusk.data.synth.sites import SiteProfile
+from fedmusk.data.synth.svs import write_svs
+from fedmusk.data.synth.tissue import BACKGROUND, TissueBiology, render_section
 
 STORAGE_TILE = 256  # tile side inside the DICOM/SVS files (128 for small slides, so that they still have a pyramid)
 MAX_LEVELS = 4

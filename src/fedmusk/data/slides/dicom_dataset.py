@@ -1,4 +1,4 @@
-"""The DICOM header of one level of a VL Whole Slide Microscopy pyramid, as written by :mod:`fedmusk.data.dicom_wsi`.
+"""The DICOM header of one level of a VL Whole Slide Microscopy pyramid, as written by :mod:`fedmusk.data.slides.dicom_wsi`.
 
 Attributes follow the VL Whole Slide Microscopy Image IOD (PS3.3 A.32.8): patient and study modules carry only the
 pseudonym and empty values, the image is TILED_FULL with shared functional groups, one brightfield optical path

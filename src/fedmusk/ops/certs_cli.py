@@ -1,6 +1,6 @@
 """``fedmusk certs``: the coordinator's CA, the SuperLink certificate and the hospitals' node keys.
 
-Mounted by the main CLI as ``app.add_typer(certs_cli.app, name="certs")``. The work is done by ``fedmusk.certs``;
+Mounted by the main CLI as ``app.add_typer(certs_cli.app, name="certs")``. The work is done by ``fedmusk.ops.certs``;
 this module only parses arguments and says what was written and what to do next. Nothing here prints key material:
 only paths and fingerprints.
 """
@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from fedmusk import certs
+from fedmusk.ops import certs
 
 app = typer.Typer(
     help="Certificates and node keys for a real Flower deployment: CA, SuperLink TLS certificate, site keys.",

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from fedmusk.data.errors import SlideError
-from fedmusk.data.slides import Slide, SlideLevel, valid_mpp
+from fedmusk.data.slides.base import Slide, SlideLevel, valid_mpp
 
 WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"  # VL Whole Slide Microscopy Image Storage
 _PIXEL_DATA = (0x7FE0, 0x0010)

@@ -17,8 +17,8 @@ from rich.table import Table
 from rich.text import Text
 
 from fedmusk.config import FedMuskConfig
-from fedmusk.data.prepare import NO_TISSUE_WARNING, PrepareResult, TilingSettings, cache_dir, prepare_site
-from fedmusk.data.validate import validate_site
+from fedmusk.data.prepare.pipeline import NO_TISSUE_WARNING, PrepareResult, TilingSettings, cache_dir, prepare_site
+from fedmusk.data.site.validate import validate_site
 
 
 def run_prepare(

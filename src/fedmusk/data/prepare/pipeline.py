@@ -29,8 +29,8 @@ from safetensors.torch import save_file
 
 from fedmusk.data.errors import SiteDataError
 from fedmusk.data.slides import Slide, open_slide
-from fedmusk.data.tile_loader import iter_tile_batches
-from fedmusk.data.tiles import LEVEL_MPP_SLACK, TileCoord, tile_grid
+from fedmusk.data.slides.tile_loader import iter_tile_batches
+from fedmusk.data.slides.tiles import LEVEL_MPP_SLACK, TileCoord, tile_grid
 from fedmusk.precision import FLOAT32, autocast
 
 CACHE_DIRNAME = ".fedmusk"

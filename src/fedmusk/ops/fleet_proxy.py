@@ -27,7 +27,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
-from fedmusk.supervise import Child
+from fedmusk.ops.supervise import Child
 
 # What flower-supernode 1.42 calls (flwr/supernode/fleet_http_client.py), all POST with a protobuf body, at the root
 # of https://HOST:PORT. The SuperLink's Fleet router has exactly these; a new Flower version is reviewed (and this

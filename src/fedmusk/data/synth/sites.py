@@ -7,8 +7,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from fedmusk.data.synth_outcomes import CaseMix, FollowUp
-from fedmusk.data.synth_tissue import Stain
+from fedmusk.data.synth.outcomes import CaseMix, FollowUp
+from fedmusk.data.synth.tissue import Stain
 
 
 @dataclass(frozen=True)

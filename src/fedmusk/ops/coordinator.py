@@ -36,7 +36,7 @@ from fedmusk.client.site_client import wire_run_config
 from fedmusk.config import ConfigError, FedMuskConfig, load_config
 from fedmusk.server.checkpoint import load_latest
 from fedmusk.server.rounds import CHECKPOINT_DIR, ROUNDS_FILE, RoundFailed, check_federation_config
-from fedmusk.server.superlink import (
+from fedmusk.ops.superlink import (
     CONNECTION,
     INTERNAL_HOST,
     PID_FILE,
@@ -49,7 +49,7 @@ from fedmusk.server.superlink import (
     stop_stale,
     wait_until_serving,
 )
-from fedmusk.supervise import (
+from fedmusk.ops.supervise import (
     LOOPBACK,
     PRIVATE_UMASK,
     Child,
@@ -170,7 +170,7 @@ def _check_security(settings: CoordinatorSettings, console: Console) -> dict[str
             )
         console.print("[bold yellow]warning:[/] development mode: no TLS, no node authentication (loopback only)")
         return None
-    from fedmusk.certs import check_server_files, site_public_keys
+    from fedmusk.ops.certs import check_server_files, site_public_keys
 
     if settings.certs is None:
         raise CoordinatorError("--certs is required: the folder made by `fedmusk certs init` (or use --dev-insecure)")

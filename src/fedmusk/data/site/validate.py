@@ -17,12 +17,12 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from fedmusk.data.dicom_headers import has_dicom_preamble, is_dicom_file, wsi_header_problem
+from fedmusk.data.slides.dicom_headers import has_dicom_preamble, is_dicom_file, wsi_header_problem
 from fedmusk.data.errors import SiteDataError
-from fedmusk.data.manifest import MANIFEST_NAME, Manifest, ManifestRow, read_manifest
-from fedmusk.data.problems import ERROR, WARNING, Problem, error, warning
-from fedmusk.data.reports import REPORT_MAX_BYTES, describe_findings, find_identifiers, read_report
-from fedmusk.data.validate_pretrain import pretrain_problems
+from fedmusk.data.site.manifest import MANIFEST_NAME, Manifest, ManifestRow, read_manifest
+from fedmusk.data.site.problems import ERROR, WARNING, Problem, error, warning
+from fedmusk.data.site.reports import REPORT_MAX_BYTES, describe_findings, find_identifiers, read_report
+from fedmusk.data.site.validate_pretrain import pretrain_problems
 
 __all__ = ["Problem", "ValidationReport", "validate_site", "run_validate", "content_fingerprint"]
 
@@ -74,7 +74,7 @@ class ValidationReport:
         """
         scrub = None
         if not show_paths:
-            from fedmusk.data.scrub import Scrubber
+            from fedmusk.data.site.scrub import Scrubber
 
             scrub = Scrubber.from_site(self.site_root).text
         table = Table(title="fedmusk site check", caption=self.summary(), caption_justify="left", expand=False)
@@ -225,7 +225,7 @@ _THUMBNAIL_PX = 1024
 def _tissue_share(path: Path) -> float:
     """The share of the slide's thumbnail that tissue detection calls tissue (0 for a blank scan)."""
     from fedmusk.data.slides import open_slide
-    from fedmusk.data.tissue import tissue_fraction
+    from fedmusk.data.slides.tissue import tissue_fraction
 
     with open_slide(path) as slide:
         return tissue_fraction(slide.thumbnail(_THUMBNAIL_PX))

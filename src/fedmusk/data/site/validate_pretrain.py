@@ -10,9 +10,9 @@ import json
 from pathlib import Path
 
 from fedmusk.data.errors import SiteDataError
-from fedmusk.data.manifest import relative_site_path
-from fedmusk.data.problems import Problem, error, warning
-from fedmusk.data.reports import describe_findings, find_identifiers, read_report
+from fedmusk.data.site.manifest import relative_site_path
+from fedmusk.data.site.problems import Problem, error, warning
+from fedmusk.data.site.reports import describe_findings, find_identifiers, read_report
 
 _RASTER_SUFFIXES = {".png", ".jpg", ".jpeg"}
 _MAX_POSITIONS = 5

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from fedmusk.data.dicom_dataset import level_dataset, series_uids
+from fedmusk.data.slides.dicom_dataset import level_dataset, series_uids
 
 _BOT_LIMIT = 2**32  # the Basic Offset Table holds 32-bit offsets; larger levels use the Extended Offset Table
 _ITEM, _SEQ_END = b"\xfe\xff\x00\xe0", b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
@@ -81,7 +81,7 @@ def convert_to_dicom(
     images. Returns ``out_dir``; raises SlideError when the source cannot be read.
     """
     from fedmusk.data.slides import open_slide
-    from fedmusk.data.tiles import level_for_mpp
+    from fedmusk.data.slides.tiles import level_for_mpp
 
     with open_slide(slide_path) as slide:
         width, height = slide.dimensions

@@ -310,7 +310,7 @@ def scrubbed_reason(err: BaseException, node_config: Mapping[str, Any] | None) -
         address = _site(node_config)
         root = str(address.root)
         if root not in _SCRUBBERS:
-            from fedmusk.data.scrub import Scrubber, site_line_filter
+            from fedmusk.data.site.scrub import Scrubber, site_line_filter
 
             _SCRUBBERS[root] = site_line_filter(address.root, Scrubber.from_site(address.root))
         return _SCRUBBERS[root](text)
@@ -319,7 +319,7 @@ def scrubbed_reason(err: BaseException, node_config: Mapping[str, Any] | None) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fedmusk.client.worker", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m fedmusk.ops.worker", description=__doc__.splitlines()[0])
     parser.add_argument("--runtime", required=True, help="the SuperNode's runtime address, 127.0.0.1:PORT")
     parser.add_argument("--secret-file", required=True, type=Path, help="the file with the SuperNode's shared secret")
     args = parser.parse_args(argv)

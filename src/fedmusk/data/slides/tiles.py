@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from fedmusk.data.slides import Slide
-from fedmusk.data.tissue import tissue_mask
+from fedmusk.data.slides.tissue import tissue_mask
 
 LEVEL_MPP_SLACK = 0.02  # a level up to 2% coarser than the target still counts as "at" the target
 _MASK_MIN_SIDE = 1024  # thumbnail size for the tissue mask: at least this, ...

@@ -6,9 +6,9 @@ report sentences, tile-caption pairs). The cohort root also holds ``cohort.json`
 per-site summary) and ``ground_truth.csv`` (every case's latent biology, risk and response probability). The ground
 truth lies outside every site root on purpose: it is the benchmark's answer key and no site may see it.
 
-What is planted and where it shows is described in :mod:`fedmusk.data.synth_outcomes` (latents, survival and
-response models with their coefficients), :mod:`fedmusk.data.synth_tissue` (how biology looks in H&E),
-:mod:`fedmusk.data.synth_reports` (report language) and :mod:`fedmusk.data.synth_sites` (site heterogeneity).
+What is planted and where it shows is described in :mod:`fedmusk.data.synth.outcomes` (latents, survival and
+response models with their coefficients), :mod:`fedmusk.data.synth.tissue` (how biology looks in H&E),
+:mod:`fedmusk.data.synth.reports` (report language) and :mod:`fedmusk.data.synth.sites` (site heterogeneity).
 The same arguments give byte-identical manifests, reports and ground truth, and identical pixels.
 """
 
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 import fedmusk
-from fedmusk.data.synth_outcomes import (
+from fedmusk.data.synth.outcomes import (
     RESPONSE,
     SURVIVAL,
     CaseBiology,
@@ -33,10 +33,10 @@ from fedmusk.data.synth_outcomes import (
     sample_biology,
     simulate_outcomes,
 )
-from fedmusk.data.synth_pretrain import write_pretrain
-from fedmusk.data.synth_reports import write_report
-from fedmusk.data.synth_sites import SiteProfile, site_profiles
-from fedmusk.data.synth_slides import SlideJob, run_slide_jobs
+from fedmusk.data.synth.pretrain import write_pretrain
+from fedmusk.data.synth.reports import write_report
+from fedmusk.data.synth.sites import SiteProfile, site_profiles
+from fedmusk.data.synth.slides import SlideJob, run_slide_jobs
 
 DEFAULT_CASES = (40, 60, 80)
 MANIFEST_COLUMNS = ("case_id", "slide", "report", "time", "event", "response", "split")
@@ -237,7 +237,7 @@ def _write_cohort_json(out: Path, cohort: list[_SiteCases], colour: dict, parame
             "mean_tissue_rgb": colour.get(p.name),
         })  # fmt: skip
     doc = {
-        "generator": "fedmusk.data.synth",
+        "generator": "fedmusk.data.synth.cohort",
         "fedmusk_version": fedmusk.__version__,
         "parameters": parameters,
         "signal": {"survival": SURVIVAL, "response": RESPONSE},

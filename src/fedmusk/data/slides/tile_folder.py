@@ -1,9 +1,9 @@
 """A folder of tile images (.png/.jpg) seen as one slide, ``kind="tiles"``.
 
 The images, in file-name order, are laid out row by row on a grid of equal cells (the largest image's size), so the
-folder reads like any other slide: one level, white between images. :func:`fedmusk.data.tiles.tile_grid` knows the
+folder reads like any other slide: one level, white between images. :func:`fedmusk.data.slides.tiles.tile_grid` knows the
 images' boxes (``image_boxes``) and cuts one tile per image instead of a grid across the mosaic, and
-:func:`~fedmusk.data.tiles.read_tile` reads it with ``read_image_region`` so neighbouring images never leak in.
+:func:`~fedmusk.data.slides.tiles.read_tile` reads it with ``read_image_region`` so neighbouring images never leak in.
 
 Resolution: tile images rarely record it. An image's own resolution field (PNG pHYs, JPEG/TIFF DPI) is used when it
 gives a microscope-like 0.05 to 20 microns per pixel; otherwise the tiles are taken to be at
@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from fedmusk.data.errors import SlideError
-from fedmusk.data.slides import Slide, SlideLevel, valid_mpp
+from fedmusk.data.slides.base import Slide, SlideLevel, valid_mpp
 
 DEFAULT_TILE_MPP = 0.5
 _PLAUSIBLE_MPP = (0.05, 20.0)
