@@ -56,6 +56,7 @@ def test_a_study_on_an_mlflow_server_nests_arms_and_serves_the_registered_model(
 
     from fedmusk.server.rounds import initial_adapter_state, save_global_adapter
     from fedmusk.tracking import Tracker
+    from fedmusk.tracking_model import register_model
     from fedmusk.training.bundle import Lineage
     from fedmusk.training.predict import run_predict
 
@@ -69,7 +70,7 @@ def test_a_study_on_an_mlflow_server_nests_arms_and_serves_the_registered_model(
                 child.log_config(cfg, arm=arm)
                 child.log_final_test({"c_index": 0.6, "c_index_ci": [0.5, 0.7], "n": 40}, {"a": {"c_index": 0.6}})
                 if arm == "federated":
-                    version = child.register_model(adapter, "study-survival", {"fedmusk.strategy": "fedit"}, "card")
+                    version = register_model(child, adapter, "study-survival", {"fedmusk.strategy": "fedit"}, "card")
     client = MlflowClient(tracking_uri=server)
     runs = client.search_runs([client.get_experiment_by_name("study").experiment_id])
     children = [r for r in runs if r.info.run_id != study.run_id]

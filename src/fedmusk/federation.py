@@ -158,6 +158,7 @@ def record_result(cfg: FedMuskConfig, roots: list[Path], out: Path, summary: dic
     numbers the console prints), the sites as dataset inputs, ``summary.json``; register the final adapter as an
     MLflow model with its lineage. Returns ``models:/NAME/VERSION``."""
     from fedmusk.tracking import Tracker
+    from fedmusk.tracking_model import register_model
     from fedmusk.training.bundle import MODEL_FILE, model_card
     from fedmusk.training.cohort import load_site_cases, split_cases
     from fedmusk.training.run import site_datasets
@@ -186,7 +187,7 @@ def record_result(cfg: FedMuskConfig, roots: list[Path], out: Path, summary: dic
         tracker.log_site_datasets(site_datasets(roots, splits))
         tracker.log_artifact(out / SUMMARY_FILE)
         name = f"{cfg.tracking.experiment}-{cfg.train.task}"
-        version = tracker.register_model(adapter, name, tags, model_card(meta))
+        version = register_model(tracker, adapter, name, tags, model_card(meta))
     return f"models:/{name}/{version}"
 
 

@@ -4,8 +4,8 @@ By default a run lives in a local SQLite store inside the run's output folder (`
 under ``<out_dir>/mlartifacts``), so a federation needs no tracking server; pass ``uri`` to use one. The only line
 printed is where to open it. Sites never call this module: their metrics reach it through the coordinator.
 
-Only this module (and ``fedmusk.tracking_model``, the MLflow model wrapper it loads to register a model) imports
-mlflow, and only when a Tracker is built: importing fedmusk.tracking stays cheap.
+Only this module (and ``fedmusk.tracking_model``, which writes fedmusk's model as an MLflow model and registers it
+through a Tracker) imports mlflow, and only when a Tracker is built: importing fedmusk.tracking stays cheap.
 
 Metric names are one vocabulary for every arm of a study (federated, centralized, local): ``test/<metric>`` is the
 final test over all the arm's test cases pooled (``test/c_index``, ``test/auc``, ...; the bootstrap CI is the tag
@@ -203,16 +203,11 @@ class Tracker:
         if inputs:
             self._client.log_inputs(self.run_id, datasets=inputs)
 
-    def register_model(self, adapter_dir: str | os.PathLike, name: str, tags: Mapping[str, Any], description: str):
-        """Log the fedmusk model in ``adapter_dir`` under the run's ``model/`` as an MLflow pyfunc model (it runs
-        ``fedmusk predict``) and register it as a new version of ``name``; returns the version number."""
-        import tempfile
-
-        from fedmusk.tracking_model import save_pyfunc
-
-        with tempfile.TemporaryDirectory(prefix="fedmusk-pyfunc-") as tmp:
-            local = save_pyfunc(adapter_dir, Path(tmp) / "model")
-            self._client.log_artifacts(self.run_id, str(local), "model")
+    def register_model(self, model_dir: str | os.PathLike, name: str, tags: Mapping[str, Any], description: str):
+        """Log the MLflow model folder ``model_dir`` under the run's ``model/`` and register it as a new version of
+        ``name``; returns the version number. ``fedmusk.tracking_model.register_model`` writes fedmusk's model as
+        such a folder (a pyfunc that runs ``fedmusk predict``) and calls this."""
+        self._client.log_artifacts(self.run_id, str(model_dir), "model")
         from mlflow.exceptions import MlflowException
 
         try:

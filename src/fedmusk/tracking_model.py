@@ -6,12 +6,16 @@ Input: a DataFrame with a ``site_root`` column (a site folder on the machine tha
 ``fedmusk predict``'s CSV. Site-specific settings (the site's ``model.weights`` and ``model.tokenizer`` paths) go in
 ``load_model(..., model_config={"model.weights": ...})``.
 
-Like ``fedmusk.tracking``, this module imports mlflow; nothing else in fedmusk does.
+Like ``fedmusk.tracking``, this module imports mlflow; nothing else in fedmusk does. It stands above the training
+engine (its model runs ``fedmusk predict``), ``fedmusk.tracking`` below it (training runs record through a Tracker).
 """
 
 from __future__ import annotations
 
+import tempfile
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import mlflow.pyfunc
 import pandas as pd
@@ -82,3 +86,10 @@ def save_pyfunc(adapter_dir: str | Path, path: str | Path) -> Path:
         pip_requirements=[f"fedmusk=={fedmusk.__version__}"],
     )
     return Path(path)
+
+
+def register_model(tracker, adapter_dir: str | Path, name: str, tags: Mapping[str, Any], description: str) -> str:
+    """Log the fedmusk model in ``adapter_dir`` as a pyfunc under ``tracker``'s run and register it as a new version
+    of ``name`` (a ``fedmusk.tracking.Tracker``); returns the version number."""
+    with tempfile.TemporaryDirectory(prefix="fedmusk-pyfunc-") as tmp:
+        return tracker.register_model(save_pyfunc(adapter_dir, Path(tmp) / "model"), name, tags, description)
