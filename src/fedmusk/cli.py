@@ -34,7 +34,7 @@ def _fail(message: str, code: int = 2) -> None:
 
 def _user_errors():
     """Errors that are the user's to fix: printed in one line, no traceback."""
-    from fedmusk.ops.certs import CertError
+    from fedmusk.ops.cert_files import CertError
     from fedmusk.ops.daemon import DaemonError
     from fedmusk.config import ConfigError
     from fedmusk.musk_model.weights import WeightsMismatchError
