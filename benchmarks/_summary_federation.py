@@ -31,7 +31,8 @@ def communication(page: Page, d: dict | None) -> None:
               "less communication than full fine-tuning (plain / SecAgg+) |", "|---|---|---|---|---|"]  # fmt: skip
     for v in b["variants"]:
         lines.append(f"| {v['variant']} | {v['up_plain'] / 1e6:.2f} / {v['up_secure'] / 1e6:.2f} | "
-                     f"{v['down'] / 1e6:.2f} | {fmt_pct(v['up_plain_of_full'], 3)} / {fmt_pct(v['up_secure_of_full'], 3)} | "
+                     f"{v['down'] / 1e6:.2f} | {fmt_pct(v['up_plain_of_full'], 3)} / "
+                     f"{fmt_pct(v['up_secure_of_full'], 3)} | "
                      f"{fmt_pct(v['less_plain'], 2)} / {fmt_pct(v['less_secure'], 2)} |")  # fmt: skip
     t = b.get("tiny")
     sec = d.get("secagg")
@@ -149,7 +150,8 @@ def scale(page: Page, d: dict | None) -> None:
         rs = r.get("round_s") or []
         later = statistics.median(rs[1:]) if len(rs) > 1 else None
         note = " (killed at the cap)" if r.get("timed_out") else " (error)" if "error" in r else ""
-        lines.append(f"| {r['sites']} | {'SecAgg+' if r['secure'] else 'plain'}{note} | {fmt(rs[0] if rs else None, 1)} "
+        lines.append(f"| {r['sites']} | {'SecAgg+' if r['secure'] else 'plain'}{note} | "
+                     f"{fmt(rs[0] if rs else None, 1)} "
                      f"| {fmt(later, 1)} | {r['wall_s']:.0f} | {fmt(r.get('cpu_s'), 0)} | {r['peak_rss_mb']:,.0f} |")
     growth = sc.get("growth") or {}
     for mode, g in growth.items():

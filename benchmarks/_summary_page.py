@@ -45,8 +45,8 @@ class Page:
 
     def machine(self, name: str, env: dict | None, extra: str = "") -> None:
         if env:
-            load = f"1-min load average {fmt_load(env.get('load_before'))} before, {fmt_load(env.get('load_after'))} after" \
-                if env.get("load_before") is not None else ""  # fmt: skip
+            load = (f"1-min load average {fmt_load(env.get('load_before'))} before, "
+                    f"{fmt_load(env.get('load_after'))} after") if env.get("load_before") is not None else ""
             self.machines.append(f"- `{name}`: {env.get('cpu', env.get('device_name', '?'))}, "
                                  f"{env.get('cores', '?')} cores, torch {env.get('torch', '?')}"
                                  + (f", {load}" if load else "") + (f"; {extra}" if extra else ""))  # fmt: skip
