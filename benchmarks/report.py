@@ -7,73 +7,27 @@ the issues as met / NOT met with its number, links to the plots, the machine and
 reproduce each number. It re-runs nothing.
 
 Usage: python benchmarks/report.py [--results benchmarks/results] [--out benchmarks/results/summary.md]
-Links are relative to the repository root (the page is meant for the README's Results section).
+Links are relative to the repository root (the page is meant for the README's Results section). The page and its
+number formats are in ``_summary_page.py``, the federation's areas in ``_summary_federation.py``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
+from _summary_federation import communication, scale, secagg  # noqa: E402 - sibling modules in benchmarks/
+from _summary_page import LINK, Page, fmt, fmt_load, fmt_num
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-LINK = "benchmarks/results"  # how the README reaches results/
 
 GOAL_MODEL_SPEEDUP = 1.3
 GOAL_AUTO_SPEEDUP = 2.0  # model.precision=auto (bf16 where the CPU has it) against the float32 reference
 GOAL_AUTO_COSINE = 0.999
 GOAL_LOADER_RATIO = 2.0
-GOAL_UP_FRACTION = 0.005
-GOAL_SECAGG = 0.15
-FLOWER_SECAGG = 0.13  # Flower's reported SecAgg+ runtime cost, the issue's anchor
-FEDDFP_LESS = 0.999  # FedDFP (2026): federated prompt tuning on pathology, >99.9% less communication
-
-
-def _f(v, digits=2) -> str:
-    return "-" if v is None else f"{v:,.{digits}f}"
-
-
-def _pct(v, digits=1, sign=False) -> str:
-    return "-" if v is None else f"{100 * v:{'+' if sign else ''}.{digits}f}%"
-
-
-def _num(v) -> str:
-    """A rate for a table: thousands separated above 100, three significant digits below."""
-    return "-" if v is None else f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}"
-
-
-def _load(v) -> str:
-    """The 1-minute load average of a [1, 5, 15]-minute triple (or a single number)."""
-    if isinstance(v, list | tuple):
-        v = v[0] if v else None
-    return "?" if v is None else f"{float(v):.1f}"
-
-
-def _status(met: bool | None) -> str:
-    return "not run" if met is None else "met" if met else "**NOT met**"
-
-
-class Page:
-    """The summary under construction: sections of markdown and the goals table's rows."""
-
-    def __init__(self):
-        self.sections: list[list[str]] = []
-        self.goals: list[tuple[str, str, str, str]] = []  # area, goal, result, status
-        self.machines: list[str] = []
-
-    def goal(self, area: str, goal: str, result: str, met: bool | None) -> None:
-        self.goals.append((area, goal, result, _status(met)))
-
-    def machine(self, name: str, env: dict | None, extra: str = "") -> None:
-        if env:
-            load = f"1-min load average {_load(env.get('load_before'))} before, {_load(env.get('load_after'))} after" \
-                if env.get("load_before") is not None else ""  # fmt: skip
-            self.machines.append(f"- `{name}`: {env.get('cpu', env.get('device_name', '?'))}, "
-                                 f"{env.get('cores', '?')} cores, torch {env.get('torch', '?')}"
-                                 + (f", {load}" if load else "") + (f"; {extra}" if extra else ""))  # fmt: skip
 
 
 # -- areas -------------------------------------------------------------------------------------------------------------
@@ -98,14 +52,14 @@ def model(page: Page, d: dict | None) -> None:
             m_f, m_r = mem.get(f"fedmusk_{key}"), mem.get(f"reference_{key}")
             peak = f"{m_f['forward_peak_mib']:.0f} / {m_r['forward_peak_mib']:.0f}" if m_f and m_r else "-"
             diff = r["max_abs_diff"]["vision_default" if key == "image" else "language_default"]
-            rates = f"{_num(t['fedmusk']['median'])} | {_num(t['reference']['median'])}"
+            rates = f"{fmt_num(t['fedmusk']['median'])} | {fmt_num(t['reference']['median'])}"
             lines.append(f"| {r['config']} | {modality} | {rates}"
                          f" | {t['speedup']:.2f}x / {t['speedup_paired']:.2f}x / {t['speedup_cpu']:.2f}x | {diff:.1e} "
                          f"| {peak} |")  # fmt: skip
             if "fedmusk_auto" in t:  # the same model at model.precision=auto, against the float32 reference
                 cos = r["auto_vs_float32"]["vision_min_cosine" if key == "image" else "language_min_cosine"]
                 lines.append(f"| {r['config']}, precision auto ({r['auto_resolves_to']}) | {modality} | "
-                             f"{_num(t['fedmusk_auto']['median'])} | {_num(t['reference']['median'])} | "
+                             f"{fmt_num(t['fedmusk_auto']['median'])} | {fmt_num(t['reference']['median'])} | "
                              f"{t['speedup_fedmusk_auto']:.2f}x / {t['speedup_paired_fedmusk_auto']:.2f}x / "
                              f"{t['speedup_cpu_fedmusk_auto']:.2f}x | min cosine to float32 {cos:.5f} | - |")  # fmt: skip
     page.sections.append(lines + ["", f"Details: [{LINK}/bench_model.md]({LINK}/bench_model.md).", ""])
@@ -157,8 +111,8 @@ def data(page: Page, d: dict | None) -> None:
         if r["tiling"] == "tiny" and ratio is not None:
             best_tiny.append((ratio, f"{r['slide']} {r['format']}"))
         lines.append(f"| {r['slide']} | {r['format']} | {r['tile_px']} | {r['rates'][w]['median']:,.0f} "
-                     f"({'in-process' if w == '0' else w + ' workers'}) | {_num(m['median'])} | "
-                     f"{_f(ratio, 2 if ratio is None or ratio < 100 else 0)}x |" if m else "| - | - |")  # fmt: skip
+                     f"({'in-process' if w == '0' else w + ' workers'}) | {fmt_num(m['median'])} | "
+                     f"{fmt(ratio, 2 if ratio is None or ratio < 100 else 0)}x |" if m else "| - | - |")  # fmt: skip
     page.sections.append(lines + ["", f"Details (every worker setting, the prepare pipeline): "
                                   f"[{LINK}/bench_data.md]({LINK}/bench_data.md).", ""])  # fmt: skip
     if best_tiny:
@@ -184,163 +138,6 @@ def train(page: Page, d: dict | None) -> None:
     page.machine("bench_train.py", d["environment"])
 
 
-def communication(page: Page, d: dict | None) -> None:
-    lines = ["### Communication per site per round, MUSK-large (`bench_federation.py`, section 1)", ""]
-    b = (d or {}).get("bytes")
-    if not b or "down" not in (b.get("variants") or [{}])[0]:
-        page.sections.append(lines + ["Not run.", ""])
-        page.goal("communication", "bytes up <= 0.5% of the full model", "-", None)
-        return
-    full = b["full_bytes_float32"]
-    lines += [f"Full-model fine-tuning: {full / 1e6:,.1f} MB up and the same down per round. fedmusk: up = the "
-              "shared tensors of the strategy (float32; SecAgg+ sends them masked, packed as uint32), down = the float32 "
-              "global adapter with the fit and again with the evaluate instruction.", "",
-              "| configuration | up MB plain / SecAgg+ | down MB | up, % of full model (plain / SecAgg+) | "
-              "less communication than full fine-tuning (plain / SecAgg+) |", "|---|---|---|---|---|"]  # fmt: skip
-    for v in b["variants"]:
-        lines.append(f"| {v['variant']} | {v['up_plain'] / 1e6:.2f} / {v['up_secure'] / 1e6:.2f} | "
-                     f"{v['down'] / 1e6:.2f} | {_pct(v['up_plain_of_full'], 3)} / {_pct(v['up_secure_of_full'], 3)} | "
-                     f"{_pct(v['less_plain'], 2)} / {_pct(v['less_secure'], 2)} |")  # fmt: skip
-    t = b.get("tiny")
-    sec = d.get("secagg")
-    if t and sec:
-        later = [x for r in sec["runs"] if not r["secure"] for x in r.get("rounds", []) if x["round"] > 1]
-        if later:
-            measured = statistics.median(x["bytes_up_per_client"] for x in later)
-            lines += ["", f"Check: the same count for the tiny demo adapter gives {t['up_plain']:,} bytes up per site "
-                      f"per round; fedmusk's byte meter measured {measured:,.0f} in the simulations of section 2 "
-                      f"({_pct(measured / t['up_plain'] - 1, 2, sign=True)}: metrics and configs)."]  # fmt: skip
-    lines += ["", f"![bytes per site per round]({LINK}/federation_bytes.png)", ""]
-    page.sections.append(lines)
-    rows = {v["key"]: v for v in b["variants"]}
-    default = rows.get("defaults") or rows.get("fedit-both")  # earlier results: FedIT both experts was the default
-    passing = [v for v in b["variants"] if v["up_secure_of_full"] <= GOAL_UP_FRACTION]
-    if default:
-        page.goal("communication", f"bytes up <= 0.5% of the full model, defaults under SecAgg+ ({default['variant']})",
-                  f"{_pct(default['up_secure_of_full'], 3)} ({default['up_secure'] / 1e6:.1f} MB); plain "
-                  f"{_pct(default['up_plain_of_full'], 3)}", default["up_secure_of_full"] <= GOAL_UP_FRACTION)
-    if passing:
-        page.goal("communication", "bytes up <= 0.5% of the full model under SecAgg+, some configuration",
-                  "; ".join(f"{v['variant']}: {_pct(v['up_secure_of_full'], 3)}" for v in passing), True)
-    best = max(b["variants"], key=lambda v: v["less_secure"])
-    page.goals.append(("communication", f"anchor: federated prompt tuning on pathology (FedDFP 2026) used > "
-                       f"{_pct(FEDDFP_LESS)} less communication than full fine-tuning",
-                       f"fedmusk, up + down under SecAgg+: {_pct(best['less_secure'], 2)} less at best "
-                       f"({best['variant']}), {_pct(default['less_secure'], 2) if default else '-'} with the "
-                       "defaults (LoRA + heads exchange more values than prompts)", "comparison"))  # fmt: skip
-
-
-def secagg(page: Page, d: dict | None) -> None:
-    lines = ["### Secure aggregation: round time with and without SecAgg+ (`bench_federation.py`, section 2)", ""]
-    sec, vec = (d or {}).get("secagg"), (d or {}).get("vector")
-    if not sec:
-        page.sections.append(lines + ["Not run.", ""])
-        page.goal("SecAgg+", f"SecAgg+ <= ~{_pct(GOAL_SECAGG, 0)} more time per round", "-", None)
-        return
-    rows = _secagg_rows(sec)
-    lines += [f"Tiny-model federations (report-only fusion, {sec['cases_per_site']} cases per site, {sec['rounds']} "
-              "rounds, 1 local epoch), SecAgg+ and plain interleaved in one run; median round seconds over rounds "
-              "2.. .", "", "| sites | plain s/round | SecAgg+ s/round | overhead |", "|---|---|---|---|"]  # fmt: skip
-    lines += [f"| {r['sites']} | {_f(r['plain'])} | {_f(r['secure'])} | {_f(r['extra'])} s "
-              f"({_pct(r['overhead'], 0, sign=True)}) |" for r in rows]
-    if vec:
-        vrows = _vector_rows(vec)
-        lines += ["", "The protocol alone (minimal Flower simulation, 3 sites, fixed vectors), by vector length:", "",
-                  "| vector | values | plain s/round | SecAgg+ s/round | extra s | extra vs an assumed " +
-                  " / ".join(f"{a['local_s']:.0f} s" for a in vec["assumptions"]) + " local round |",
-                  "|---|---|---|---|---|---|"]  # fmt: skip
-        lines += [f"| {r['name']} | {r['length']:,} | {_f(r['plain'])} | {_f(r['secure'])} | {_f(r['extra'])} | "
-                  + " / ".join(_pct(o) for o in r["overheads"]) + " |" for r in vrows]
-        lines += ["", "The local round times are assumptions (MUSK-large LoRA training on one GPU), not measurements: "
-                  "see the assumptions in the details."]  # fmt: skip
-    lines += ["", f"![SecAgg+ vs plain]({LINK}/federation_secagg.png)", "",
-              f"Details: [{LINK}/bench_federation.md]({LINK}/bench_federation.md).", ""]
-    page.sections.append(lines)
-    measured = [r for r in rows if r["overhead"] is not None]
-    if measured:
-        worst = max(measured, key=lambda r: r["overhead"])
-        page.goal("SecAgg+", f"SecAgg+ <= ~{_pct(GOAL_SECAGG, 0)} more time per round (Flower: about "
-                  f"{_pct(FLOWER_SECAGG, 0)}), measured, tiny model",
-                  ", ".join(f"{r['sites']} sites {_pct(r['overhead'], 0, sign=True)}" for r in measured) +
-                  f" (rounds of {_f(min(r['plain'] for r in measured), 1)}-{_f(max(r['plain'] for r in measured), 1)}"
-                  " s, where SecAgg+'s fixed cost weighs most)", worst["overhead"] <= GOAL_SECAGG)  # fmt: skip
-    if vec:
-        big = max(_vector_rows(vec), key=lambda r: r["length"])
-        if big["overheads"] and big["overheads"][0] is not None:
-            page.goal("SecAgg+", f"SecAgg+ <= ~{_pct(GOAL_SECAGG, 0)} more time per round at MUSK-large's adapter "
-                      "size (protocol measured, local round assumed)",
-                      f"+{_f(big['extra'])} s per round = {_pct(big['overheads'][0])} of an assumed "
-                      f"{vec['assumptions'][0]['local_s']:.0f} s round", big["overheads"][0] <= GOAL_SECAGG)
-
-
-def _secagg_rows(sec: dict) -> list[dict]:
-    med: dict = {}
-    for r in sec["runs"]:
-        if r.get("median_round_s") is not None:
-            med.setdefault((r["sites"], r["secure"]), []).append(r["median_round_s"])
-    rows = []
-    for n in sorted({r["sites"] for r in sec["runs"]}):
-        p, s = (statistics.median(med[(n, m)]) if (n, m) in med else None for m in (False, True))
-        extra = None if p is None or s is None else s - p
-        rows.append({"sites": n, "plain": p, "secure": s, "extra": extra,
-                     "overhead": None if extra is None else extra / p})  # fmt: skip
-    return rows
-
-
-def _vector_rows(vec: dict) -> list[dict]:
-    med: dict = {}
-    for r in vec["runs"]:
-        if r.get("median_round_s") is not None:
-            med.setdefault((r["vector"], r["secure"]), []).append(r["median_round_s"])
-    rows = []
-    for name in dict.fromkeys(r["vector"] for r in vec["runs"]):
-        p, s = (statistics.median(med[(name, m)]) if (name, m) in med else None for m in (False, True))
-        extra = None if p is None or s is None else s - p
-        rows.append({"name": name, "length": next(r["length"] for r in vec["runs"] if r["vector"] == name),
-                     "plain": p, "secure": s, "extra": extra,
-                     "overheads": [None if extra is None else extra / (a["local_s"] + p) for a in vec["assumptions"]]})
-    return rows
-
-
-def scale(page: Page, d: dict | None) -> None:
-    lines = ["### Scale: 10 to 100 simulated sites, tiny model (`bench_federation.py`, section 3)", ""]
-    sc = (d or {}).get("scale")
-    if not sc:
-        page.sections.append(lines + ["Not run.", ""])
-        page.goal("scale", "time per round and peak memory grow at most linearly with sites", "-", None)
-        return
-    lines += [f"{sc['cases_per_site']} cases per site, {sc['rounds']} rounds; the first round also starts every site; "
-              "peak RSS of the whole process tree (simulation + Ray workers).", "",
-              "| sites | mode | first round s | later round s | run s | run CPU s | peak RSS MB |",
-              "|---|---|---|---|---|---|---|"]
-    for r in sc["runs"]:
-        rs = r.get("round_s") or []
-        later = statistics.median(rs[1:]) if len(rs) > 1 else None
-        note = " (killed at the cap)" if r.get("timed_out") else " (error)" if "error" in r else ""
-        lines.append(f"| {r['sites']} | {'SecAgg+' if r['secure'] else 'plain'}{note} | {_f(rs[0] if rs else None, 1)} "
-                     f"| {_f(later, 1)} | {r['wall_s']:.0f} | {_f(r.get('cpu_s'), 0)} | {r['peak_rss_mb']:,.0f} |")
-    growth = sc.get("growth") or {}
-    for mode, g in growth.items():
-        cpu = g.get("cpu_s")
-        lines += ["", f"Growth ({mode}, straight-line fit over {', '.join(map(str, g['sites']))} sites): later rounds "
-                  f"{g['round_s']['per_site']:.3f} s per site (x{g['round_s']['ratio']:.1f} for x{g['site_ratio']:.0f} "
-                  f"sites), first round {g['first_round_s']['per_site']:.2f} s per site, "
-                  + (f"CPU time of the whole run {cpu['per_site']:.2f} s per site (x{cpu['ratio']:.1f}), "
-                     if cpu else "")
-                  + f"peak memory {g['peak_rss_mb']['per_site']:.1f} MB per site (x{g['peak_rss_mb']['ratio']:.2f}). "
-                  "Wall seconds on a shared machine follow the other jobs' load as much as the sites; the CPU "
-                  "seconds of the process tree do not."]  # fmt: skip
-    lines += ["", f"![scale]({LINK}/federation_scale.png)", ""]
-    page.sections.append(lines)
-    g = growth.get("plain") or next(iter(growth.values()), None)
-    if g:
-        wall, mem, cpu = g["round_s"], g["peak_rss_mb"], g.get("cpu_s")
-        page.goal("scale", "time per round and peak memory grow at most linearly with sites (10 to 100)",
-                  f"x{g['site_ratio']:.0f} sites: time per round x{wall['ratio']:.1f} ({wall['per_site']:.2f} s/site), "
-                  f"peak memory x{mem['ratio']:.2f} ({mem['per_site']:.1f} MB/site)" +
-                  (f"; CPU time of the whole run x{cpu['ratio']:.1f} ({cpu['per_site']:.2f} s/site)" if cpu else ""),
-                  wall["ratio"] <= g["site_ratio"] and mem["ratio"] <= g["site_ratio"])  # fmt: skip
-
 
 def utility_extra(page: Page, main: dict | None, quick: dict | None) -> None:
     """Strategies that only a reduced run (``bench_utility.py --quick ...``) measured: its pooled table and goals,
@@ -359,7 +156,7 @@ def utility_extra(page: Page, main: dict | None, quick: dict | None) -> None:
     lines = [f"A reduced run measured {', '.join(names.get(k, k) for k in new)} beside the others (`bench_utility.py "
              f"--quick` with the settings in the details; seed {seeds} only, so no intervals): pooled test "
              f"{st.get('metric', 'c_index')}.", "", "| model | pooled test |", "|---|---|"]  # fmt: skip
-    lines += [f"| {names.get(k, k)} | {_f(t.get('mean'), 3)} |" for k, t in pooled.items()]
+    lines += [f"| {names.get(k, k)} | {fmt(t.get('mean'), 3)} |" for k, t in pooled.items()]
     page.sections[-1][-1:-1] = ["", *lines, "", f"Details: [{LINK}/bench_utility_quick.md]"
                                 f"({LINK}/bench_utility_quick.md)."]  # fmt: skip
     for g in quick.get("goals", []):
@@ -386,7 +183,7 @@ def utility(page: Page, d: dict | None) -> None:
     for key, t in (s.get("pooled") or {}).items():
         ci = t.get("ci")
         interval = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
-        lines.append(f"| {names.get(key, key)} | {_f(t.get('mean'), 3)}{interval} |")
+        lines.append(f"| {names.get(key, key)} | {fmt(t.get('mean'), 3)}{interval} |")
     for p in d.get("plots") or []:
         name = Path(p).name
         lines += ["", f"![{name}]({LINK}/{name})"]
@@ -423,9 +220,9 @@ def gpu(page: Page, g: dict | None, train_only: dict | None, smoke: dict | None)
                                                                    else "") + " |")  # fmt: skip
         if fed:
             lines.append(f"| one federated round, 3 sites, MUSK-{fed['preset']}, {fed['features']} features, SecAgg+ "
-                         f"| {_f(fed['round_s'], 1)} s round (with site start-up), "
-                         f"{_f(fed['stages_s'].get('simulation (Ray, sites, 1 round, final test)'), 0)} s in all; "
-                         f"peak GPU memory {_f(fed['peak_gpu_mib'], 0)} MiB |")  # fmt: skip
+                         f"| {fmt(fed['round_s'], 1)} s round (with site start-up), "
+                         f"{fmt(fed['stages_s'].get('simulation (Ray, sites, 1 round, final test)'), 0)} s in all; "
+                         f"peak GPU memory {fmt(fed['peak_gpu_mib'], 0)} MiB |")  # fmt: skip
         lines += ["", f"gpu.sh took {g['seconds']:.0f} s. Details: [{LINK}/gpu.md]({LINK}/gpu.md)."]
         device = next((p.get("device_name") for p in (fwd, tr, fed) if p), "?")
         page.machines.append(f"- `gpu.sh`: {device}")
@@ -456,7 +253,7 @@ def deployment(page: Page, d: dict | None) -> None:
     page.goal("deployment", "one model build per site per run, not one per message",
               ", ".join(f"{k}: {v}" for k, v in d["deployed"]["model_builds"].items()), d["builds_goal_met"])
     page.machines.append(f"- `bench_deployment.py`: {d['machine']}, {d['cores']} cores, 1-min load average "
-                         f"{_load(d['load_before'])} before, {_load(d['load_after'])} after")  # fmt: skip
+                         f"{fmt_load(d['load_before'])} before, {fmt_load(d['load_after'])} after")  # fmt: skip
 
 
 # -- the page ----------------------------------------------------------------------------------------------------------
@@ -498,7 +295,7 @@ def build(results: Path) -> str:
     if fed:
         dates = {k: (fed.get(k) or {}).get("measured", {}) for k in ("secagg", "vector", "scale")}
         page.machine("bench_federation.py", fed.get("environment"), "; ".join(
-            f"{k} {m.get('date', '?')}, load {_load(m.get('load_before'))} to {_load(m.get('load_after'))}"
+            f"{k} {m.get('date', '?')}, load {fmt_load(m.get('load_before'))} to {fmt_load(m.get('load_after'))}"
             for k, m in dates.items() if m))  # fmt: skip
 
     lines = ["## Results", "",

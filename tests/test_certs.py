@@ -17,8 +17,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from typer.testing import CliRunner
 
-from fedmusk.ops import certs, certs_cli
-from fedmusk.ops.certs import CertError, CertPaths
+from fedmusk.ops import cert_files, certs, certs_cli
+from fedmusk.ops.cert_files import CertError
+from fedmusk.ops.certs import CertPaths
 
 posix_only = pytest.mark.skipif(os.name != "posix", reason="file modes are POSIX")
 
@@ -87,7 +88,7 @@ def test_a_client_refuses_a_host_name_the_certificate_does_not_name(ca_dir):
 def test_ca_is_a_ca_that_may_only_sign_leaf_certificates(ca_dir):
     from cryptography import x509
 
-    ca = certs.load_certificate(CertPaths(ca_dir).ca_cert)
+    ca = cert_files.load_certificate(CertPaths(ca_dir).ca_cert)
     constraints = ca.extensions.get_extension_for_class(x509.BasicConstraints).value
     usage = ca.extensions.get_extension_for_class(x509.KeyUsage).value
     assert constraints.ca and constraints.path_length == 0
@@ -136,7 +137,7 @@ def test_renewing_keeps_the_old_names_adds_new_ones_and_backs_up_the_old_files(c
     old_cert, old_key = paths.server_cert.read_bytes(), paths.server_key.read_bytes()
     ca_before = paths.ca_cert.read_bytes()
     certs.renew_server_cert(ca_dir, hosts=["new.example.org"])
-    names = certs.subject_alt_names(certs.load_certificate(paths.server_cert))
+    names = cert_files.subject_alt_names(cert_files.load_certificate(paths.server_cert))
     assert {"localhost", "127.0.0.1", "link.example.org", "10.0.0.5", "new.example.org"} <= set(names)
     assert paths.server_key.read_bytes() != old_key
     assert paths.server_cert.with_name("server.crt.bak").read_bytes() == old_cert
@@ -227,7 +228,7 @@ def test_site_key_pair_is_an_openssh_ecdsa_p384_key_flower_can_read(tmp_path):
 def test_fingerprint_is_the_one_ssh_keygen_prints(tmp_path):
     site = certs.site_key_pair(tmp_path, "hosp-a")
     printed = subprocess.run(["ssh-keygen", "-lf", str(site.public_key)], capture_output=True, text=True, check=True)
-    assert printed.stdout.split()[1] == site.fingerprint == certs.fingerprint(site.public_key.read_bytes())
+    assert printed.stdout.split()[1] == site.fingerprint == cert_files.fingerprint(site.public_key.read_bytes())
 
 
 def test_site_key_pair_refuses_to_replace_an_existing_key(tmp_path):
@@ -287,7 +288,7 @@ def test_add_site_refuses_to_replace_a_registered_site_without_overwrite(ca_dir,
     hospital = certs.site_key_pair(tmp_path / "hospital", "hosp-a")
     with pytest.raises(CertError, match=r"site\.pub already exists"):
         certs.add_site(ca_dir, "hosp-a", public_key=hospital.public_key)
-    assert certs.fingerprint(first.public_key.read_bytes()) == first.fingerprint
+    assert cert_files.fingerprint(first.public_key.read_bytes()) == first.fingerprint
     replaced = certs.add_site(ca_dir, "hosp-a", public_key=hospital.public_key, overwrite=True)
     assert replaced.fingerprint == hospital.fingerprint
     assert not (replaced.folder / "site.key").exists()  # the old generated key no longer matches site.pub
@@ -388,13 +389,13 @@ def test_cli_init_add_site_and_show_tell_the_operator_what_was_written(tmp_path)
     root = tmp_path / "certs"
     init = _cli("init", root, "--host", "link.example.org", "--days", "30")
     assert init.exit_code == 0, init.output
-    ca = certs.load_certificate(CertPaths(root).ca_cert)
-    assert certs.certificate_fingerprint(ca) in init.output
+    ca = cert_files.load_certificate(CertPaths(root).ca_cert)
+    assert cert_files.certificate_fingerprint(ca) in init.output
     assert f"fedmusk server CONFIG --certs {root}" in init.output and str(CertPaths(root).server_key) in init.output
 
     added = _cli("add-site", root, "hosp-a", "--generate-key-for-site")
     assert added.exit_code == 0, added.output
-    site_fp = certs.fingerprint((root / "sites" / "hosp-a" / "site.pub").read_bytes())
+    site_fp = cert_files.fingerprint((root / "sites" / "hosp-a" / "site.pub").read_bytes())
     assert site_fp in added.output and "send the whole folder" in added.output
 
     hospital = _cli("site-key", tmp_path / "hospital", "--name", "hosp-b")

@@ -1,14 +1,13 @@
 """The operators' files in deploy/ stay true to the fedmusk command and keep their security settings.
 
 Every ``fedmusk ...`` command line written in deploy/ (compose commands, systemd ExecStart= with the env examples,
-Kubernetes args, bootstrap.sh and the shell blocks of deploy/README.md) is parsed by the real CLI, so a renamed or
-removed option fails here rather than on a hospital's machine. Offline and fast: nothing is run but the parser
-(and ``systemd-analyze verify`` where it exists).
+bootstrap.sh and the shell blocks of deploy/README.md; the Kubernetes args in test_deploy_k8s.py) is parsed by the
+real CLI, so a renamed or removed option fails here rather than on a hospital's machine. Offline and fast: nothing is
+run but the parser (and ``systemd-analyze verify`` where it exists).
 """
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
 import shutil
@@ -17,107 +16,24 @@ from pathlib import Path
 
 import click
 import pytest
-import typer
 import yaml
 
-from fedmusk.cli import app
-
-ROOT = Path(__file__).resolve().parents[1]
-DEPLOY = ROOT / "deploy"
-COMPOSE = DEPLOY / "compose"
-SYSTEMD = DEPLOY / "systemd"
-K8S = DEPLOY / "k8s"
-DOCKER = DEPLOY / "docker"
-IMAGE_DOCKERFILES = {"coordinator": DOCKER / "coordinator.Dockerfile", "hospital": DOCKER / "hospital.Dockerfile"}
-
-
-# --- parsing command lines with the real CLI -----------------------------------------------------------------------
-
-
-def parse_fedmusk(args: list[str], env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> tuple[str, dict]:
-    """Parse ``fedmusk ARGS`` as the installed command does, with ``env`` as the only FEDMUSK_* variables.
-
-    Returns (the command's path, e.g. 'certs add-site', its parameters). Raises click.UsageError (a missing option,
-    an unknown flag, a bad value) exactly where the real command would refuse the line."""
-    for name in [k for k in os.environ if k.startswith("FEDMUSK_")]:
-        monkeypatch.delenv(name)
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    command = typer.main.get_command(app)
-    ctx = command.make_context("fedmusk", [], resilient_parsing=True)  # the group has no options of its own
-    path, rest = [], list(args)
-    while isinstance(command, click.Group):
-        if not rest:
-            raise click.UsageError(f"`fedmusk {' '.join(path)}` needs a command")
-        name, *rest = rest
-        sub = command.get_command(ctx, name)
-        if sub is None:
-            raise click.UsageError(f"no such command: fedmusk {' '.join([*path, name])}")
-        path.append(name)
-        command = sub
-        if isinstance(command, click.Group):
-            ctx = command.make_context(name, [], parent=ctx, resilient_parsing=True)
-    sub_ctx = command.make_context(" ".join(["fedmusk", *path]), rest, parent=ctx, resilient_parsing=False)
-    return " ".join(path), sub_ctx.params
-
-
-def declared_envvars(command_path: str) -> set[str]:
-    """The environment variables a fedmusk command reads, as its options declare them."""
-    command = typer.main.get_command(app)
-    for name in command_path.split():
-        command = command.commands[name]
-    names: set[str] = set()
-    for param in command.params:
-        envvar = getattr(param, "envvar", None)
-        names.update([envvar] if isinstance(envvar, str) else (envvar or []))
-    return names
-
-
-def env_file(path: Path) -> dict[str, str]:
-    """KEY=VALUE lines of an env example; a commented-out assignment counts too (it names a real variable)."""
-    values = {}
-    for line in path.read_text().splitlines():
-        if m := re.match(r"^#?([A-Z][A-Z0-9_]*)=(.*)$", line.strip()):
-            values[m.group(1)] = m.group(2).strip()
-    return values
-
-
-def active_env_file(path: Path) -> dict[str, str]:
-    """Only the assignments that are in force (not commented out): what systemd reads."""
-    return {k: v for k, v in env_file(path).items() if f"\n{k}=" in "\n" + path.read_text()}
-
-
-def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
-    """(INSTRUCTION, rest) pairs of a Dockerfile, continuation lines joined, comments dropped."""
-    text = re.sub(r"\\\n", " ", "\n".join(l for l in path.read_text().splitlines() if not l.lstrip().startswith("#")))
-    out = []
-    for line in text.splitlines():
-        if line.strip():
-            word, _, rest = line.strip().partition(" ")
-            out.append((word.upper(), rest.strip()))
-    return out
-
-
-def dockerfile_env(path: Path) -> dict[str, str]:
-    """The ENV of the image's final stage."""
-    env: dict[str, str] = {}
-    for word, rest in dockerfile_instructions(path):
-        if word == "FROM":
-            env = {}
-        elif word == "ENV":
-            for token in shlex.split(rest):
-                key, _, value = token.partition("=")
-                env[key] = value
-    return env
-
-
-def dockerfile_entrypoint(path: Path) -> list[str]:
-    entry = [rest for word, rest in dockerfile_instructions(path) if word == "ENTRYPOINT"]
-    return yaml.safe_load(entry[-1])  # exec form: a JSON list
-
-
-def fedmusk_env(env: dict[str, str]) -> dict[str, str]:
-    return {k: v for k, v in env.items() if k.startswith("FEDMUSK_")}
+from _deploy_helpers import (
+    COMPOSE,
+    DEPLOY,
+    DOCKER,
+    IMAGE_DOCKERFILES,
+    ROOT,
+    SYSTEMD,
+    active_env_file,
+    declared_envvars,
+    dockerfile_entrypoint,
+    dockerfile_env,
+    dockerfile_instructions,
+    env_file,
+    fedmusk_env,
+    parse_fedmusk,
+)
 
 
 # --- Docker --------------------------------------------------------------------------------------------------------
@@ -359,121 +275,6 @@ def test_systemd_analyze_verify_accepts_the_units(unit, tmp_path):
     done = subprocess.run(["systemd-analyze", "verify", str(tmp_path / unit)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr + done.stdout
     assert unit not in done.stderr, done.stderr  # warnings about our unit (unknown keys, bad values)
-
-
-# --- Kubernetes ----------------------------------------------------------------------------------------------------
-
-
-def k8s_documents(folder: Path = K8S, recursive: bool = True) -> dict[Path, list[dict]]:
-    files = sorted(folder.rglob("*.yaml") if recursive else folder.glob("*.yaml"))
-    return {p: [d for d in yaml.safe_load_all(p.read_text()) if d] for p in files}
-
-
-def coordinator_jobs() -> list[dict]:
-    return [d for docs in k8s_documents().values() for d in docs if d["kind"] == "Job"]
-
-
-def test_k8s_manifests_parse_and_stay_in_one_namespace():
-    docs = k8s_documents()
-    assert docs and all(docs.values())
-    kinds = {d["kind"] for ds in docs.values() for d in ds}
-    assert {"Namespace", "ConfigMap", "PersistentVolumeClaim", "Job", "Service", "NetworkPolicy"} <= kinds
-    for path, ds in docs.items():
-        for d in ds:
-            if d["kind"] != "Namespace":
-                assert d["metadata"]["namespace"] == "fedmusk", path
-
-
-def test_k8s_coordinator_args_parse_against_the_cli(monkeypatch):
-    entry = dockerfile_entrypoint(IMAGE_DOCKERFILES["coordinator"])
-    image_env = dockerfile_env(IMAGE_DOCKERFILES["coordinator"])
-    jobs = coordinator_jobs()
-    assert len(jobs) == 2
-    for job in jobs:
-        (container,) = job["spec"]["template"]["spec"]["containers"]
-        env = {**image_env, **{e["name"]: e["value"] for e in container.get("env", [])}}
-        command, params = parse_fedmusk([*entry, *container["args"]][1:], fedmusk_env(env), monkeypatch)
-        assert command == "server" and params["host"] == "0.0.0.0" and params["port"] == 9092
-        assert params["resume"] is (job["metadata"]["name"] == "fedmusk-coordinator-resume")
-
-
-def test_k8s_resume_job_differs_only_by_name_and_resume():
-    first, resumed = sorted(coordinator_jobs(), key=lambda j: j["metadata"]["name"])
-    resumed_args = resumed["spec"]["template"]["spec"]["containers"][0]["args"]
-    resumed["spec"]["template"]["spec"]["containers"][0]["args"] = [a for a in resumed_args if a != "--resume"]
-    resumed["metadata"]["name"] = first["metadata"]["name"]
-    assert resumed == first
-
-
-def test_k8s_coordinator_pod_is_locked_down_and_probed_on_the_superlink_port():
-    for job in coordinator_jobs():
-        spec = job["spec"]["template"]["spec"]
-        assert spec["restartPolicy"] == "Never" and job["spec"]["backoffLimit"] == 0
-        assert spec["securityContext"]["runAsNonRoot"] is True
-        assert spec["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
-        assert spec["automountServiceAccountToken"] is False
-        for container in [*spec["initContainers"], *spec["containers"]]:
-            sc = container["securityContext"]
-            assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
-            assert sc["capabilities"]["drop"] == ["ALL"]
-            assert "limits" in container["resources"]
-        (main,) = spec["containers"]
-        (port,) = main["ports"]
-        assert port["containerPort"] == 9092
-        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            assert main[probe]["tcpSocket"]["port"] in (9092, port["name"])
-        mounts = {m["mountPath"]: m for m in main["volumeMounts"]}
-        assert mounts["/certs"]["readOnly"] is True and "/tmp" in mounts and "/state" in mounts
-        volumes = {v["name"]: v for v in spec["volumes"]}
-        assert "emptyDir" in volumes[mounts["/tmp"]["name"]]
-        assert "persistentVolumeClaim" in volumes[mounts["/state"]["name"]]
-
-
-def test_k8s_certs_layout_script_builds_the_certs_folder(tmp_path, monkeypatch):
-    from fedmusk.ops import certs
-
-    source = certs.init_ca(tmp_path / "made")
-    certs.add_site(tmp_path / "made", "hospital-a")
-    secret = tmp_path / "secret-in"
-    (secret / "..2026_data").mkdir(parents=True)  # what a Secret volume looks like: hidden data folder + links
-    files = {"ca.crt": source.ca_cert, "server.crt": source.server_cert, "server.key": source.server_key,
-             "site.hospital-a.pub": source.site_dir("hospital-a") / "site.pub"}  # fmt: skip
-    for key, path in files.items():
-        (secret / "..2026_data" / key).write_bytes(path.read_bytes())
-        (secret / "..2026_data" / key).chmod(0o440)
-        (secret / key).symlink_to(Path("..2026_data") / key)
-    (init,) = coordinator_jobs()[0]["spec"]["template"]["spec"]["initContainers"]
-    script = init["args"][0].replace('"/secret-in"', repr(str(secret))).replace('"/certs"', repr(str(tmp_path / "c")))
-    exec(compile(script, "certs-layout", "exec"), {})
-    certs.check_server_files(tmp_path / "c")  # server.key 0600, signed by the CA: what fedmusk server checks
-    assert list(certs.site_public_keys(tmp_path / "c")) == ["hospital-a"]
-
-
-def test_k8s_federation_config_is_a_valid_fedmusk_configuration(tmp_path):
-    from fedmusk.config import load_config
-    from fedmusk.server.rounds import check_federation_config
-
-    (configmap,) = [d for d in k8s_documents()[K8S / "configmap.yaml"] if d["kind"] == "ConfigMap"]
-    (tmp_path / "federation.yaml").write_text(configmap["data"]["federation.yaml"])
-    cfg = load_config([tmp_path / "federation.yaml"], [])  # an unknown or misspelt key raises here
-    check_federation_config(cfg)
-    (container,) = coordinator_jobs()[0]["spec"]["template"]["spec"]["containers"]
-    mounts = {m["mountPath"] for m in container["volumeMounts"]}
-    assert str(Path(cfg.model.tokenizer).parent) in mounts, "the coordinator reads the tokenizer"
-
-
-def test_k8s_service_exposes_only_the_superlink_port_to_listed_sources():
-    (service,) = k8s_documents()[K8S / "service.yaml"]
-    (port,) = service["spec"]["ports"]
-    assert port["port"] == 9092 and port["protocol"] == "TCP"
-    assert service["spec"]["type"] in ("LoadBalancer", "NodePort") and service["spec"]["loadBalancerSourceRanges"]
-
-
-def test_k8s_secret_is_only_a_template_outside_the_applied_folder():
-    applied = [d for docs in k8s_documents(K8S, recursive=False).values() for d in docs]
-    assert not [d for d in applied if d["kind"] == "Secret"], "`kubectl apply -f deploy/k8s/` must not apply a Secret"
-    (secret,) = k8s_documents()[K8S / "templates" / "certs-secret.yaml"]
-    assert all(v.startswith("REPLACE") for v in secret["stringData"].values())
 
 
 # --- the README and every file: commands and secrets ---------------------------------------------------------------

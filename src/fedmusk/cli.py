@@ -34,7 +34,7 @@ def _fail(message: str, code: int = 2) -> None:
 
 def _user_errors():
     """Errors that are the user's to fix: printed in one line, no traceback."""
-    from fedmusk.ops.certs import CertError
+    from fedmusk.ops.cert_files import CertError
     from fedmusk.ops.daemon import DaemonError
     from fedmusk.config import ConfigError
     from fedmusk.musk_model.weights import WeightsMismatchError
@@ -102,12 +102,20 @@ TrackingUri = Annotated[
     str | None, typer.Option("--tracking-uri", help="MLflow store or server (tracking.uri) [a store in the run folder].")
 ]
 Experiment = Annotated[str | None, typer.Option("--experiment", help="MLflow experiment name (tracking.experiment).")]
+ConfigFile = Annotated[Path, typer.Argument(help="YAML configuration (see configs/).")]
 
 
 def _with_tracking(overrides: list[str] | None, uri: str | None, experiment: str | None) -> list[str]:
     """``--tracking-uri`` and ``--experiment`` as the configuration overrides they stand for."""
     extra = ([f"tracking.uri={uri}"] if uri else []) + ([f"tracking.experiment={experiment}"] if experiment else [])
     return [*(overrides or []), *extra]
+
+
+def _run_on_sites(fn, config: Path, overrides: list[str] | None, uri: str | None, experiment: str | None, *args):
+    """What ``train`` and ``simulate`` share: load ``config`` with the overrides and tracking options, then return
+    ``fn(cfg, *args)``; a user error in either step is one line and exit 2."""
+    cfg = _run(_load, [config], _with_tracking(overrides, uri, experiment))
+    return _run(fn, cfg, *args)
 
 
 @app.command()
@@ -147,7 +155,7 @@ def synth(
 
 @app.command()
 def train(
-    config: Annotated[Path, typer.Argument(help="YAML configuration (see configs/).")],
+    config: ConfigFile,
     site: SiteRoots,
     out: Annotated[Path, typer.Option("--out", help="Output folder for metrics.json, plots, adapter, MLflow store.")],
     overrides: Overrides = None,
@@ -158,8 +166,7 @@ def train(
     """Train on one site (local baseline) or several pooled (centralized baseline); write metrics and plots."""
     from fedmusk.training.run import run_train
 
-    cfg = _run(_load, [config], _with_tracking(overrides, tracking_uri, experiment))
-    result = _run(run_train, cfg, site, out, err_console, force)
+    result = _run_on_sites(run_train, config, overrides, tracking_uri, experiment, site, out, err_console, force)
     test = result["test"]
     if test is None:
         console.print(f"test: none ({result['test_note']}); adapter and metrics in {out}")
@@ -218,7 +225,7 @@ def _run_synth(fn, *args, **kwargs):
 
 @app.command()
 def simulate(
-    config: Annotated[Path, typer.Argument(help="YAML configuration (see configs/).")],
+    config: ConfigFile,
     site: SiteRoots,
     out: Annotated[Path, typer.Option("--out", help="Output folder: summary.json, checkpoints, MLflow store, adapter.")],
     overrides: Overrides = None,
@@ -230,9 +237,10 @@ def simulate(
     from fedmusk.federation import run_simulation_from_config
     from fedmusk.server.rounds import RoundFailed
 
-    cfg = _run(_load, [config], _with_tracking(overrides, tracking_uri, experiment))
     try:
-        summary = _run(run_simulation_from_config, cfg, site, out, resume, console)
+        summary = _run_on_sites(
+            run_simulation_from_config, config, overrides, tracking_uri, experiment, site, out, resume, console
+        )
     except RoundFailed as err:
         _fail(f"the federation stopped: {err}", code=1)
     pooled = summary["test"]["pooled"]

@@ -9,20 +9,15 @@ The coordinator's certificate folder DIR::
     DIR/sites/<name>/ca.crt               a copy of the CA certificate: sites/<name>/ is the bundle for that hospital
 
 A hospital that makes its own key pair (``site_key_pair``) keeps site.key and sends only site.pub. Private keys are
-created with mode 0600 from the first byte and their folders 0700. Every problem is a one-line ``CertError`` that
-names the file.
+created with mode 0600 from the first byte and their folders 0700 (``fedmusk.ops.cert_files`` reads and writes the
+files). Every problem is a one-line ``CertError`` that names the file.
 """
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
-import hashlib
 import ipaddress
-import os
 import re
-import stat
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +25,30 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from fedmusk.ops.cert_files import (
+    NO_PASSPHRASE,
+    CertError,
+    check_dates,
+    check_private_mode,
+    extension,
+    fingerprint,
+    key_type,
+    load_certificate,
+    load_pem_private_key,
+    need_file,
+    openssh_public,
+    pem_key_type,
+    pem_private_key,
+    private_dir,
+    public_der,
+    refuse_existing,
+    subject_alt_names,
+    utcnow,
+    write_file,
+)
 
 DEFAULT_HOSTS = ("localhost", "127.0.0.1")
 CA_DAYS = 3650  # the CA outlives many server certificates, so renew-server does not force re-keying every site
@@ -40,17 +57,12 @@ _SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _DNS_NAME = re.compile(rf"^(\*\.)?({_LABEL}\.)*{_LABEL}$")
 _ANY_ADDRESS = {"0.0.0.0", "::", ""}
-_NO_PASSPHRASE = serialization.NoEncryption()  # flower-supernode and gRPC read keys without asking for a passphrase
 _PEM_KEY_KINDS = {
     b"-----BEGIN PRIVATE KEY-----": "a PEM (PKCS#8)",
     b"-----BEGIN ENCRYPTED PRIVATE KEY-----": "an encrypted PEM (PKCS#8)",
     b"-----BEGIN EC PRIVATE KEY-----": "a PEM (SEC1)",
     b"-----BEGIN RSA PRIVATE KEY-----": "a PEM (PKCS#1)",
 }
-
-
-class CertError(Exception):
-    """A certificate or key problem the operator must fix; the message is one line and names the file."""
 
 
 @dataclass(frozen=True)
@@ -107,21 +119,21 @@ def init_ca(dir: Path, hosts: Iterable[str] = (), days: int = 825, overwrite: bo
     paths = CertPaths(Path(dir))
     names = _general_names(hosts)  # bad host names fail before any file is touched
     if not overwrite:
-        _refuse_existing(paths.ca_cert, paths.ca_key, paths.server_cert, paths.server_key)
+        refuse_existing(paths.ca_cert, paths.ca_key, paths.server_cert, paths.server_key)
     # ECDSA P-384 rather than RSA-3072: the same curve as the site keys, comparable strength, keys generated in
     # milliseconds rather than seconds, and accepted by Flower 1.42's HTTPS SuperLink (uvicorn), its clients and gRPC.
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_cert = _ca_certificate(ca_key, CA_DAYS)
     server_key = ec.generate_private_key(ec.SECP384R1())
-    server_cert = _server_certificate(ca_cert, ca_key, server_key, names, days, _utcnow())
-    _private_dir(paths.ca_key.parent)
-    _private_dir(paths.server_key.parent)
-    _write(paths.ca_key, _pem_key(ca_key), private=True, overwrite=overwrite)
-    _write(paths.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM), overwrite=overwrite)
-    _write(paths.server_key, _pem_key(server_key), private=True, overwrite=overwrite)
-    _write(paths.server_cert, server_cert.public_bytes(serialization.Encoding.PEM), overwrite=overwrite)
+    server_cert = _server_certificate(ca_cert, ca_key, server_key, names, days, utcnow())
+    private_dir(paths.ca_key.parent)
+    private_dir(paths.server_key.parent)
+    write_file(paths.ca_key, pem_private_key(ca_key), private=True, overwrite=overwrite)
+    write_file(paths.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM), overwrite=overwrite)
+    write_file(paths.server_key, pem_private_key(server_key), private=True, overwrite=overwrite)
+    write_file(paths.server_cert, server_cert.public_bytes(serialization.Encoding.PEM), overwrite=overwrite)
     for name in site_public_keys(paths.root):
-        _write(paths.site_dir(name) / "ca.crt", paths.ca_cert.read_bytes(), overwrite=True)
+        write_file(paths.site_dir(name) / "ca.crt", paths.ca_cert.read_bytes(), overwrite=True)
     return paths
 
 
@@ -134,19 +146,19 @@ def renew_server_cert(
     server.crt.bak and server.key.bak (0600). ``now`` is the issuing clock (tests only)."""
     paths = CertPaths(Path(dir))
     ca_cert = load_certificate(paths.ca_cert)
-    ca_key = _load_pem_private_key(paths.ca_key)
-    if _public_der(ca_key.public_key()) != _public_der(ca_cert.public_key()):
+    ca_key = load_pem_private_key(paths.ca_key)
+    if public_der(ca_key.public_key()) != public_der(ca_cert.public_key()):
         raise CertError(f"{paths.ca_key} does not belong to {paths.ca_cert}")
     current = subject_alt_names(load_certificate(paths.server_cert)) if paths.server_cert.exists() else []
     names = _general_names([*current, *hosts])
     for path in (paths.server_cert, paths.server_key):
         if path.exists():
-            _write(path.with_name(path.name + ".bak"), path.read_bytes(), private=True, overwrite=True)
+            write_file(path.with_name(path.name + ".bak"), path.read_bytes(), private=True, overwrite=True)
     server_key = ec.generate_private_key(ec.SECP384R1())
-    server_cert = _server_certificate(ca_cert, ca_key, server_key, names, days, now or _utcnow())
-    _private_dir(paths.server_key.parent)
-    _write(paths.server_key, _pem_key(server_key), private=True, overwrite=True)
-    _write(paths.server_cert, server_cert.public_bytes(serialization.Encoding.PEM), overwrite=True)
+    server_cert = _server_certificate(ca_cert, ca_key, server_key, names, days, now or utcnow())
+    private_dir(paths.server_key.parent)
+    write_file(paths.server_key, pem_private_key(server_key), private=True, overwrite=True)
+    write_file(paths.server_cert, server_cert.public_bytes(serialization.Encoding.PEM), overwrite=True)
     return paths
 
 
@@ -156,19 +168,19 @@ def check_server_files(dir: Path, host: str | None = None, *, now: dt.datetime |
     or without port; 0.0.0.0 and :: mean any address and are not checked), and the key is not readable by group or
     others. The CA key is not needed. ``now`` is the clock (tests only)."""
     paths = CertPaths(Path(dir))
-    now = now or _utcnow()
+    now = now or utcnow()
     ca_cert = _load_ca(paths.ca_cert, now)
     cert = load_certificate(paths.server_cert)
     try:
         cert.verify_directly_issued_by(ca_cert)
     except (ValueError, TypeError, InvalidSignature):
         raise CertError(f"{paths.server_cert} was not issued by the CA in {paths.ca_cert}") from None
-    _check_dates(paths.server_cert, cert, now)
-    _check_private_mode(paths.server_key)
-    key = _load_pem_private_key(paths.server_key)
-    if _public_der(key.public_key()) != _public_der(cert.public_key()):
+    check_dates(paths.server_cert, cert, now)
+    check_private_mode(paths.server_key)
+    key = load_pem_private_key(paths.server_key)
+    if public_der(key.public_key()) != public_der(cert.public_key()):
         raise CertError(f"{paths.server_key} does not match the certificate {paths.server_cert}")
-    eku = _extension(cert, x509.ExtendedKeyUsage)
+    eku = extension(cert, x509.ExtendedKeyUsage)
     if eku is not None and ExtendedKeyUsageOID.SERVER_AUTH not in eku:
         raise CertError(f"{paths.server_cert} is not a TLS server certificate (no serverAuth extended key usage)")
     if host is not None and _host_only(host) not in _ANY_ADDRESS and not _covers(cert, _host_only(host)):
@@ -191,14 +203,14 @@ def site_key_pair(out_dir: Path, name: str, overwrite: bool = False) -> SiteKeys
     out_dir = Path(out_dir)
     key_path, pub_path = out_dir / "site.key", out_dir / "site.pub"
     if not overwrite:
-        _refuse_existing(key_path, pub_path)
+        refuse_existing(key_path, pub_path)
     if not out_dir.exists():
-        _private_dir(out_dir)
+        private_dir(out_dir)
     key = ec.generate_private_key(ec.SECP384R1())
-    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, _NO_PASSPHRASE)
-    public = _openssh_public(key)
-    _write(key_path, private, private=True, overwrite=overwrite)
-    _write(pub_path, public + f" fedmusk-site-{name}\n".encode(), overwrite=overwrite)
+    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, NO_PASSPHRASE)
+    public = openssh_public(key)
+    write_file(key_path, private, private=True, overwrite=overwrite)
+    write_file(pub_path, public + f" fedmusk-site-{name}\n".encode(), overwrite=overwrite)
     return SiteKeys(name, out_dir, pub_path, key_path, fingerprint(public))
 
 
@@ -219,12 +231,12 @@ def add_site(dir: Path, name: str, public_key: Path | None = None, overwrite: bo
             if other != name and fingerprint(other_pub.read_bytes()) == fp:
                 raise CertError(f"{public_key} is already registered as site {other!r} ({other_pub})")
     if not overwrite:
-        _refuse_existing(folder / "site.pub", folder / "site.key")
-    _private_dir(folder)
-    _write(folder / "ca.crt", paths.ca_cert.read_bytes(), overwrite=True)
+        refuse_existing(folder / "site.pub", folder / "site.key")
+    private_dir(folder)
+    write_file(folder / "ca.crt", paths.ca_cert.read_bytes(), overwrite=True)
     if line is None:
         return site_key_pair(folder, name, overwrite=overwrite)
-    _write(folder / "site.pub", line + b"\n", overwrite=overwrite)
+    write_file(folder / "site.pub", line + b"\n", overwrite=overwrite)
     (folder / "site.key").unlink(missing_ok=True)  # a key generated here earlier no longer matches site.pub
     return SiteKeys(name, folder, folder / "site.pub", None, fp)
 
@@ -240,14 +252,14 @@ def check_site_files(ca_cert: Path, private_key: Path, *, now: dt.datetime | Non
     """What a hospital's SuperNode checks at start: ``ca_cert`` is a valid CA certificate and ``private_key`` is an
     unencrypted OpenSSH ECDSA P-384 key with mode 0600 or stricter. Returns the public key's SHA-256 fingerprint
     (``SHA256:...``), which is safe to log."""
-    _load_ca(Path(ca_cert), now or _utcnow())
+    _load_ca(Path(ca_cert), now or utcnow())
     path = Path(private_key)
-    _check_private_mode(path)
+    check_private_mode(path)
     data = path.read_bytes()
     expected = f"expected an unencrypted OpenSSH {SITE_KEY_TYPE} key (create one with: fedmusk certs site-key)"
     for header, kind in _PEM_KEY_KINDS.items():
         if header in data:
-            raise CertError(f"{path} is {kind} {_pem_key_type(data)} private key; {expected}")
+            raise CertError(f"{path} is {kind} {pem_key_type(data)} private key; {expected}")
     if b"-----BEGIN OPENSSH PRIVATE KEY-----" not in data:
         raise CertError(f"{path} is not a private key file; {expected}")
     try:
@@ -257,55 +269,15 @@ def check_site_files(ca_cert: Path, private_key: Path, *, now: dt.datetime | Non
     except (ValueError, UnsupportedAlgorithm) as err:
         raise CertError(f"{path} is not a readable OpenSSH private key ({err}); {expected}") from None
     if not (isinstance(key, ec.EllipticCurvePrivateKey) and isinstance(key.curve, ec.SECP384R1)):
-        raise CertError(f"{path} is an OpenSSH {_key_type(key)} key; {expected}")
-    return fingerprint(_openssh_public(key))
-
-
-# --- reading -------------------------------------------------------------------------------------------------------
-
-
-def fingerprint(public_key_openssh: bytes | str) -> str:
-    """OpenSSH's SHA-256 fingerprint of a public key line (``SHA256:`` + unpadded base64), as ssh-keygen -l prints."""
-    text = public_key_openssh.decode() if isinstance(public_key_openssh, bytes) else public_key_openssh
-    fields = text.split()
-    try:
-        blob = base64.b64decode(fields[1], validate=True)
-    except (IndexError, ValueError):
-        raise CertError("not an OpenSSH public key line ('<type> <base64> [comment]')") from None
-    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
-
-
-def certificate_fingerprint(cert: x509.Certificate) -> str:
-    """SHA-256 of the certificate's DER bytes as colon-separated hex, for operators to compare by phone."""
-    return cert.fingerprint(hashes.SHA256()).hex(":").upper()
-
-
-def load_certificate(path: Path) -> x509.Certificate:
-    """The PEM certificate in ``path``; CertError when it is missing or is not a certificate."""
-    path = Path(path)
-    _need_file(path)
-    data = path.read_bytes()
-    if b"PRIVATE KEY-----" in data:
-        raise CertError(f"{path} holds a private key, not a certificate")
-    try:
-        return x509.load_pem_x509_certificate(data)
-    except ValueError:
-        raise CertError(f"{path} is not a PEM certificate") from None
-
-
-def subject_alt_names(cert: x509.Certificate) -> list[str]:
-    """The DNS names and IP addresses the certificate is valid for, as strings."""
-    san = _extension(cert, x509.SubjectAlternativeName)
-    if san is None:
-        return []
-    return [*san.get_values_for_type(x509.DNSName), *map(str, san.get_values_for_type(x509.IPAddress))]
+        raise CertError(f"{path} is an OpenSSH {key_type(key)} key; {expected}")
+    return fingerprint(openssh_public(key))
 
 
 # --- internals -----------------------------------------------------------------------------------------------------
 
 
 def _ca_certificate(key: ec.EllipticCurvePrivateKey, days: int) -> x509.Certificate:
-    now = _utcnow()
+    now = utcnow()
     ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
     name = x509.Name([
         x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedmusk"),
@@ -371,7 +343,7 @@ def _host_only(address: str) -> str:
 
 
 def _covers(cert: x509.Certificate, host: str) -> bool:
-    san = _extension(cert, x509.SubjectAlternativeName)
+    san = extension(cert, x509.SubjectAlternativeName)
     if san is None:
         return False
     try:
@@ -386,41 +358,16 @@ def _covers(cert: x509.Certificate, host: str) -> bool:
 
 def _load_ca(path: Path, now: dt.datetime) -> x509.Certificate:
     cert = load_certificate(path)
-    bc = _extension(cert, x509.BasicConstraints)
+    bc = extension(cert, x509.BasicConstraints)
     if bc is None or not bc.ca:
         subject = cert.subject.rfc4514_string()
         raise CertError(f"{path} is not a CA certificate (it is the certificate of {subject!r}); use the CA's ca.crt")
-    _check_dates(path, cert, now)
+    check_dates(path, cert, now)
     return cert
 
 
-def _check_dates(path: Path, cert: x509.Certificate, now: dt.datetime) -> None:
-    if now < cert.not_valid_before_utc:
-        start = cert.not_valid_before_utc
-        raise CertError(f"{path} is not valid before {start:%Y-%m-%d %H:%M} UTC (check this machine's clock)")
-    if now > cert.not_valid_after_utc:
-        raise CertError(f"{path} expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC")
-
-
-def _check_private_mode(path: Path) -> None:
-    _need_file(path)
-    mode = stat.S_IMODE(path.stat().st_mode)
-    if os.name == "posix" and mode & 0o077:
-        raise CertError(f"{path} is readable by other users (mode {mode:04o}); run: chmod 600 {path}")
-
-
-def _load_pem_private_key(path: Path):
-    _need_file(path)
-    try:
-        return serialization.load_pem_private_key(path.read_bytes(), password=None)
-    except TypeError:
-        raise CertError(f"{path} is encrypted; the SuperLink needs an unencrypted PEM key") from None
-    except (ValueError, UnsupportedAlgorithm):
-        raise CertError(f"{path} is not a PEM private key") from None
-
-
 def _read_site_public_key(path: Path) -> bytes:
-    _need_file(path)
+    need_file(path)
     data = path.read_bytes().strip()
     if b"PRIVATE KEY" in data:
         raise CertError(f"{path} is a private key; ask the site for its public key site.pub (site.key stays there)")
@@ -434,93 +381,7 @@ def _read_site_public_key(path: Path) -> bytes:
     return data
 
 
-def _key_type(key) -> str:
-    """'ECDSA P-256', 'RSA-2048', 'Ed25519', ...: what an operator would call the private key's type."""
-    if isinstance(key, ec.EllipticCurvePrivateKey):
-        return {"secp256r1": "ECDSA P-256", "secp384r1": "ECDSA P-384", "secp521r1": "ECDSA P-521"}.get(
-            key.curve.name, f"ECDSA {key.curve.name}"
-        )
-    if isinstance(key, rsa.RSAPrivateKey):
-        return f"RSA-{key.key_size}"
-    return type(key).__name__.removesuffix("PrivateKey")  # Ed25519, Ed448, DSA
-
-
-def _pem_key_type(data: bytes) -> str:
-    try:
-        return _key_type(serialization.load_pem_private_key(data, password=None))
-    except (TypeError, ValueError, UnsupportedAlgorithm):
-        return "(unreadable or encrypted)"
-
-
-def _extension(cert: x509.Certificate, kind):
-    try:
-        return cert.extensions.get_extension_for_class(kind).value
-    except x509.ExtensionNotFound:
-        return None
-
-
-def _public_der(key) -> bytes:
-    return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-
-
-def _pem_key(key) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, _NO_PASSPHRASE)
-
-
-def _openssh_public(key) -> bytes:
-    return key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-
-
-def _need_file(path: Path) -> None:
-    if path.is_dir():
-        raise CertError(f"{path} is a folder; give the file itself")
-    if not path.is_file():
-        raise CertError(f"{path} does not exist")
-
-
-def _refuse_existing(*paths: Path) -> None:
-    for path in paths:
-        if path.exists():
-            raise CertError(f"{path} already exists; refusing to replace it: pass --force or use another folder")
-
-
 def _check_site_name(name: str) -> str:
     if not _SITE_NAME.match(name):
         raise CertError(f"invalid site name {name!r}: use 1-64 letters, digits, '_', '.', '-', starting alphanumeric")
     return name
-
-
-def _private_dir(path: Path) -> None:
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(path, 0o700)  # also when it existed: the folder holds private keys
-
-
-def _write(path: Path, data: bytes, *, private: bool = False, overwrite: bool = False) -> None:
-    """Write ``data``; private files are 0600 from creation. Without ``overwrite`` the file must not exist (O_EXCL);
-    with it, the new content replaces the old atomically (a temporary file in the same folder, then os.replace)."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    mode = 0o600 if private else 0o644
-    if not overwrite:
-        _refuse_existing(path)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)  # O_EXCL: never follow or reuse a file
-        target = path
-    else:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mkstemp creates files 0600
-        target = Path(tmp)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if overwrite:
-            if not private:
-                os.chmod(target, mode)  # widening a public file (a certificate) to 0644 is intended
-            os.replace(target, path)
-    except BaseException:
-        target.unlink(missing_ok=True)
-        raise
-
-
-def _utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
-

@@ -1,8 +1,8 @@
 """``fedmusk certs``: the coordinator's CA, the SuperLink certificate and the hospitals' node keys.
 
-Mounted by the main CLI as ``app.add_typer(certs_cli.app, name="certs")``. The work is done by ``fedmusk.ops.certs``;
-this module only parses arguments and says what was written and what to do next. Nothing here prints key material:
-only paths and fingerprints.
+Mounted by the main CLI as ``app.add_typer(certs_cli.app, name="certs")``. The work is done by ``fedmusk.ops.certs``
+(and the file reading by ``fedmusk.ops.cert_files``); this module only parses arguments and says what was written and
+what to do next. Nothing here prints key material: only paths and fingerprints.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from fedmusk.ops import certs
+from fedmusk.ops import cert_files, certs
 
 app = typer.Typer(
     help="Certificates and node keys for a real Flower deployment: CA, SuperLink TLS certificate, site keys.",
@@ -37,7 +37,7 @@ def _run(fn, *args, **kwargs):
     """Certificate problems are the operator's to fix: one ``error:`` line on stderr, exit 2, no traceback."""
     try:
         return fn(*args, **kwargs)
-    except (certs.CertError, OSError) as err:
+    except (cert_files.CertError, OSError) as err:
         err_console.print(f"error: {err}", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
 
@@ -56,13 +56,13 @@ def init(
 ) -> None:
     """Create the federation's CA and the SuperLink's TLS certificate (for localhost, 127.0.0.1 and each --host)."""
     paths = _run(certs.init_ca, dir, hosts=host or [], days=days, overwrite=force)
-    ca = _run(certs.load_certificate, paths.ca_cert)
-    server = _run(certs.load_certificate, paths.server_cert)
+    ca = _run(cert_files.load_certificate, paths.ca_cert)
+    server = _run(cert_files.load_certificate, paths.server_cert)
     _say(f"wrote the CA:         {paths.ca_cert}  {paths.ca_key}")
     _say(f"wrote the SuperLink:  {paths.server_cert}  {paths.server_key}")
-    _say(f"CA fingerprint (SHA-256): {certs.certificate_fingerprint(ca)}")
+    _say(f"CA fingerprint (SHA-256): {cert_files.certificate_fingerprint(ca)}")
     _say(f"SuperLink certificate valid until {server.not_valid_after_utc:%Y-%m-%d} for "
-         f"{', '.join(certs.subject_alt_names(server))}")
+         f"{', '.join(cert_files.subject_alt_names(server))}")
     _say()
     _say(
         f"Next: register each hospital with `fedmusk certs add-site {dir} NAME --public-key site.pub` (the hospital "
@@ -103,7 +103,7 @@ def add_site(
         )  # fmt: skip
         raise typer.Exit(2)
     site = _run(certs.add_site, dir, name, public_key=public_key, overwrite=force)
-    ca = _run(certs.load_certificate, certs.CertPaths(dir).ca_cert)
+    ca = _run(cert_files.load_certificate, certs.CertPaths(dir).ca_cert)
     _say(f"registered site {name}: key fingerprint {site.fingerprint}")
     _say(f"bundle: {site.folder}")
     if site.private_key is not None:
@@ -115,7 +115,7 @@ def add_site(
              "--ca ca.crt --key site.key")
     else:
         _say(f"The hospital keeps its own site.key: send it only {site.folder / 'ca.crt'}.")
-    _say(f"The hospital checks ca.crt against this SHA-256 fingerprint: {certs.certificate_fingerprint(ca)}")
+    _say(f"The hospital checks ca.crt against this SHA-256 fingerprint: {cert_files.certificate_fingerprint(ca)}")
     _say("`fedmusk server --certs ...` registers this key with its SuperLink at its next start.")
 
 
@@ -136,9 +136,9 @@ def site_key(
 def renew_server(dir: CertDir, host: Hosts = None, days: Days = 825) -> None:
     """Issue a new SuperLink certificate and key with the existing CA (keeps its names, adds each --host)."""
     paths = _run(certs.renew_server_cert, dir, hosts=host or [], days=days)
-    server = _run(certs.load_certificate, paths.server_cert)
+    server = _run(cert_files.load_certificate, paths.server_cert)
     _say(f"wrote {paths.server_cert} and {paths.server_key}; the previous ones are kept as .bak")
-    _say(f"valid until {server.not_valid_after_utc:%Y-%m-%d} for {', '.join(certs.subject_alt_names(server))}")
+    _say(f"valid until {server.not_valid_after_utc:%Y-%m-%d} for {', '.join(cert_files.subject_alt_names(server))}")
     _say("Restart the SuperLink to use it; hospitals need nothing new (the CA is unchanged).")
 
 
@@ -146,27 +146,27 @@ def renew_server(dir: CertDir, host: Hosts = None, days: Days = 825) -> None:
 def show(dir: CertDir) -> None:
     """Show the CA, the SuperLink certificate and the registered sites with their key fingerprints."""
     paths = certs.CertPaths(dir)
-    ca = _run(certs.load_certificate, paths.ca_cert)
+    ca = _run(cert_files.load_certificate, paths.ca_cert)
     table = Table(title=f"certificates in {dir}")
     for column in ("role", "subject / names", "valid until"):
         table.add_column(column, overflow="fold")
     table.add_row("CA", ca.subject.rfc4514_string(), f"{ca.not_valid_after_utc:%Y-%m-%d}")
     if paths.server_cert.exists():
-        server = _run(certs.load_certificate, paths.server_cert)
-        names = ", ".join(certs.subject_alt_names(server))
+        server = _run(cert_files.load_certificate, paths.server_cert)
+        names = ", ".join(cert_files.subject_alt_names(server))
         table.add_row("SuperLink", names, f"{server.not_valid_after_utc:%Y-%m-%d}")
     console.print(table)
-    _say(f"CA fingerprint (SHA-256): {certs.certificate_fingerprint(ca)}")
+    _say(f"CA fingerprint (SHA-256): {cert_files.certificate_fingerprint(ca)}")
     try:
         certs.check_server_files(dir)
         _say("SuperLink files: ok")
-    except certs.CertError as err:
+    except cert_files.CertError as err:
         _say(f"SuperLink files: {err}")
     sites = Table(title="sites")
     sites.add_column("site")
     sites.add_column("key fingerprint", overflow="fold")
     sites.add_column("private key here")
     for name, pub in certs.site_public_keys(dir).items():
-        fingerprint = _run(certs.fingerprint, pub.read_bytes())
+        fingerprint = _run(cert_files.fingerprint, pub.read_bytes())
         sites.add_row(name, fingerprint, "yes" if (pub.parent / "site.key").exists() else "no")
     console.print(sites)
