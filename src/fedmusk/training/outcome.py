@@ -34,7 +34,8 @@ from fedmusk.musk_model.losses import binary_response_loss, cox_partial_likeliho
 from fedmusk.precision import FLOAT32, autocast, resolve_precision
 from fedmusk.training.cohort import CaseRecord
 from fedmusk.training.features import FeatureStore, TileReader
-from fedmusk.evaluation.metrics import response_metrics, survival_metrics
+from fedmusk.evaluation.binary import response_metrics
+from fedmusk.evaluation.survival import survival_metrics
 
 OUTCOME_TASKS = ("survival", "response")
 log = logging.getLogger(__name__)
