@@ -305,9 +305,9 @@ class FitReply(NamedTuple):
 class SiteClient:
     """One hospital in a federation: its training session, policy, audit log and FedSA local state.
 
-    ``session`` defaults to a ``SiteSession`` over ``site_root``, built on first use; it serves the outcome
-    rounds. Pretraining rounds (``federation.pretrain_rounds``) use a ``PretrainSession`` over the site's
-    ``pretrain/`` folder, built when the first of them arrives and dropped when the outcome phase begins.
+    ``session`` defaults to a ``TrainingSession`` over ``site_root``, built on first use; it serves the outcome
+    rounds. Pretraining rounds (``federation.pretrain_rounds``) use a pretraining ``TrainingSession`` over the
+    site's ``pretrain/`` folder, built when the first of them arrives and dropped when the outcome phase begins.
     ``use_round`` (which ``fit`` and ``evaluate`` call) picks the session of a round's phase.
     """
 
@@ -359,19 +359,19 @@ class SiteClient:
                 if self._pretrain_error is not None:
                     raise self._pretrain_error
                 from fedmusk.data.errors import SiteDataError
-                from fedmusk.training.pretrain import PretrainSession
+                from fedmusk.training.session import TrainingSession
 
                 try:
-                    self._pretrain_session = PretrainSession(self.cfg, [self.site_root])
+                    self._pretrain_session = TrainingSession(self.cfg, [self.site_root], pretrain=True)
                 except SiteDataError as err:
                     self._pretrain_error = err  # not retried each round: the folder does not change mid-run
                     raise
                 self._count_build(PRETRAIN)
             return self._pretrain_session
         if self._session is None:
-            from fedmusk.training.site import SiteSession
+            from fedmusk.training.session import TrainingSession
 
-            self._session = SiteSession(self.cfg, [self.site_root])
+            self._session = TrainingSession(self.cfg, [self.site_root])
             self._count_build(OUTCOME)
         return self._session
 
