@@ -24,14 +24,8 @@ from fedmusk.musk_model.heads import (
     pad_bags,
     survival_curve,
 )
-from fedmusk.musk_model.lora import (
-    EXPERTS,
-    LoraSettings,
-    adapter_state,
-    apply_lora,
-    load_adapter_state,
-    task_heads,
-)
+from fedmusk.musk_model.lora import LoraSettings, adapter_state, apply_lora, load_adapter_state, task_heads
+from fedmusk.musk_model.roles import EXPERTS
 from fedmusk.musk_model.losses import binary_response_loss, cox_partial_likelihood, discrete_time_nll
 from fedmusk.precision import FLOAT32, autocast, resolve_precision
 from fedmusk.training.cohort import CaseRecord

@@ -45,6 +45,7 @@ from fedmusk.musk_model.losses import (
     teacher_patch_features,
 )
 from fedmusk.musk_model.masking import block_mask, whole_word_mask
+from fedmusk.musk_model.roles import is_lora
 from fedmusk.musk_model.transforms import musk_transform
 from fedmusk.precision import BFLOAT16, resolve_precision
 from fedmusk.runtime import seed_everything
@@ -76,7 +77,7 @@ def site_pretrain_data(site_root: str | Path, cfg: FedMuskConfig, max_words: int
 
 def lora_only(state: StateDict) -> StateDict:
     """The LoRA tensors of an adapter state (``...lora_A.weight``, ``...lora_B.weight``), without task heads."""
-    return {n: t for n, t in state.items() if ".lora_A." in n or ".lora_B." in n}
+    return {n: t for n, t in state.items() if is_lora(n)}
 
 
 def carry_lora(pretrained: StateDict, target: StateDict) -> StateDict:
