@@ -31,7 +31,7 @@ import torch
 from fedmusk.config import load_config
 from fedmusk.data.prepare.pipeline import cache_dir, read_cache
 from fedmusk.data.synth.cohort import synthesize_cohort
-from fedmusk.training.site import SiteSession
+from fedmusk.training.session import TrainingSession
 from _report import cpu_name, write_report  # noqa: E402 - sibling module in benchmarks/
 
 HERE = Path(__file__).resolve().parent
@@ -43,7 +43,7 @@ MODES = {
 }
 
 
-def epoch_load(session: SiteSession) -> dict:
+def epoch_load(session: TrainingSession) -> dict:
     """Cases, slides and tiles one training epoch consumes."""
     cases = session.trainer.usable_cases(session.splits["train"])
     bag = session.cfg.train.bag_size
@@ -56,7 +56,7 @@ def bench_mode(mode: str, roots: list[Path], min_epochs: int, min_seconds: float
     for root in roots:  # each mode prepares from nothing
         shutil.rmtree(cache_dir(root), ignore_errors=True)
     start = time.perf_counter()
-    session = SiteSession(cfg, roots, device="cpu")
+    session = TrainingSession(cfg, roots, device="cpu")
     setup_s = time.perf_counter() - start
     load = epoch_load(session)
     session.train(1)  # warm-up: fills the feature cache in memory, first allocations
@@ -90,7 +90,7 @@ def markdown(report: dict) -> str:
         lines.append(f"| {r['mode']} | {r['setup_s']:.1f} | {e['cases']} / {e['slides']} / {e['tiles']} "
                      f"| {r['bag_size']} | {r['epochs']} | {p['cases']:.2f} | {p['slides']:.2f} "
                      f"| {p['tiles']:.1f} |")  # fmt: skip
-    lines += ["", "Setup: SiteSession start-up, including `fedmusk prepare`'s work (tiling; for cached mode also "
+    lines += ["", "Setup: TrainingSession start-up, including `fedmusk prepare`'s work (tiling; for cached mode also "
               "embedding every tile with the frozen model). Rates: timed epochs after one warm-up epoch.", ""]
     return "\n".join(lines)
 

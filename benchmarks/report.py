@@ -128,7 +128,7 @@ def train(page: Page, d: dict | None) -> None:
         page.sections.append(lines + ["Not run.", ""])
         return
     c = d["cohort"]
-    lines += [f"`SiteSession` (what a federated site runs), {c['sites']} synthetic sites x {c['cases_per_site']} "
+    lines += [f"`TrainingSession` (what a federated site runs), {c['sites']} synthetic sites x {c['cases_per_site']} "
               f"cases, {d['environment']['threads']} torch thread(s).", "",
               "| features | set-up s (prepare) | cases/s | slides/s | tiles/s |", "|---|---|---|---|---|"]
     for r in d["results"]:

@@ -18,8 +18,9 @@ from fedmusk.musk_model.lora import AdapterStateError
 from fedmusk.runtime import load_model, load_tokenizer
 from fedmusk.training import augment
 from fedmusk.training.outcome import OutcomeTrainer
-from fedmusk.training.pretrain import PretrainSession, PretrainTrainer, carry_lora, lora_only
+from fedmusk.training.pretrain import PretrainTrainer, carry_lora, lora_only
 from fedmusk.training.pretrain_data import read_pretrain_folder, split_document
+from fedmusk.training.session import TrainingSession
 
 OBJECTIVES = ("mlm", "mim", "clip")
 
@@ -322,8 +323,8 @@ def test_pretrained_lora_moves_into_an_outcome_trainer_by_name(site):
         carry_lora(pretrained, other.adapter_state())
 
 
-def test_session_offers_the_site_session_interface(site):
-    session = PretrainSession(tiny_cfg(), [site], device="cpu")
+def test_pretraining_session_offers_the_outcome_session_interface(site):
+    session = TrainingSession(tiny_cfg(), [site], device="cpu", pretrain=True)
     assert session.num_train_cases > 0
     state = session.adapter_state()
     metrics = session.train(epochs=1, proximal=lambda model: torch.zeros(()))

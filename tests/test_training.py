@@ -9,7 +9,7 @@ import torch
 from fedmusk.config import load_config
 from fedmusk.training.cohort import load_site_cases
 from fedmusk.training.outcome import metrics_for
-from fedmusk.training.site import SiteSession
+from fedmusk.training.session import TrainingSession
 
 DEMO = ["configs/demo.yaml"]
 
@@ -24,7 +24,7 @@ def test_survival_model_from_reports_beats_chance_on_an_external_cohort(report_c
     # about 0.69 (synth_outcomes docstring); a tiny language model with LoRA learns to read stage from 210 reports.
     # An external cohort of 300 cases (another seed) keeps the standard error near 0.03.
     dev, ext = report_cohorts
-    session = SiteSession(_cfg("train.fusion=report", "train.epochs=12"), dev)
+    session = TrainingSession(_cfg("train.fusion=report", "train.epochs=12"), dev)
     for _ in range(12):
         session.train(1)
     external = [c for root in ext for c in load_site_cases(root, seed=0)]
@@ -37,7 +37,7 @@ def test_training_is_deterministic_on_cpu(report_cohorts):
     dev, _ = report_cohorts
     states = []
     for _ in range(2):
-        session = SiteSession(_cfg("train.fusion=report", "train.batch_cases=32"), dev[:1])
+        session = TrainingSession(_cfg("train.fusion=report", "train.batch_cases=32"), dev[:1])
         session.train(1)
         states.append(session.adapter_state())
     assert states[0].keys() == states[1].keys()
@@ -46,7 +46,7 @@ def test_training_is_deterministic_on_cpu(report_cohorts):
 
 def test_adapter_state_holds_only_lora_and_head_tensors(report_cohorts):
     dev, _ = report_cohorts
-    state = SiteSession(_cfg("train.fusion=report"), dev[:1]).adapter_state()
+    state = TrainingSession(_cfg("train.fusion=report"), dev[:1]).adapter_state()
     assert state
     for name, tensor in state.items():
         assert re.search(r"\.lora_[AB]\.weight$", name) or name.startswith("task_heads."), name
@@ -56,7 +56,7 @@ def test_adapter_state_holds_only_lora_and_head_tensors(report_cohorts):
 
 def test_response_task_reports_auc_and_no_c_index(report_cohorts):
     dev, _ = report_cohorts
-    session = SiteSession(_cfg("train.task=response", "train.fusion=report"), dev[:1])
+    session = TrainingSession(_cfg("train.task=response", "train.fusion=report"), dev[:1])
     session.train(1)
     result = session.evaluate("test")
     assert result["c_index"] is None and 0.0 <= result["auc"] <= 1.0

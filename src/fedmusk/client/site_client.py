@@ -36,6 +36,7 @@ from fedmusk.client.audit import AuditLog
 from fedmusk.client.policy import EgressRefused, SitePolicy
 from fedmusk.config import ConfigError, FedMuskConfig, to_yaml
 from fedmusk.data.site.scrub import Scrubber
+from fedmusk.musk_model.roles import lora_factor
 from fedmusk.runtime import seed_everything
 from fedmusk.site_settings import (
     SITE_SETTINGS_FILE,
@@ -305,9 +306,9 @@ class FitReply(NamedTuple):
 class SiteClient:
     """One hospital in a federation: its training session, policy, audit log and FedSA local state.
 
-    ``session`` defaults to a ``SiteSession`` over ``site_root``, built on first use; it serves the outcome
-    rounds. Pretraining rounds (``federation.pretrain_rounds``) use a ``PretrainSession`` over the site's
-    ``pretrain/`` folder, built when the first of them arrives and dropped when the outcome phase begins.
+    ``session`` defaults to a ``TrainingSession`` over ``site_root``, built on first use; it serves the outcome
+    rounds. Pretraining rounds (``federation.pretrain_rounds``) use a pretraining ``TrainingSession`` over the
+    site's ``pretrain/`` folder, built when the first of them arrives and dropped when the outcome phase begins.
     ``use_round`` (which ``fit`` and ``evaluate`` call) picks the session of a round's phase.
     """
 
@@ -359,19 +360,19 @@ class SiteClient:
                 if self._pretrain_error is not None:
                     raise self._pretrain_error
                 from fedmusk.data.errors import SiteDataError
-                from fedmusk.training.pretrain import PretrainSession
+                from fedmusk.training.session import TrainingSession
 
                 try:
-                    self._pretrain_session = PretrainSession(self.cfg, [self.site_root])
+                    self._pretrain_session = TrainingSession(self.cfg, [self.site_root], pretrain=True)
                 except SiteDataError as err:
                     self._pretrain_error = err  # not retried each round: the folder does not change mid-run
                     raise
                 self._count_build(PRETRAIN)
             return self._pretrain_session
         if self._session is None:
-            from fedmusk.training.site import SiteSession
+            from fedmusk.training.session import TrainingSession
 
-            self._session = SiteSession(self.cfg, [self.site_root])
+            self._session = TrainingSession(self.cfg, [self.site_root])
             self._count_build(OUTCOME)
         return self._session
 
@@ -497,7 +498,7 @@ class SiteClient:
             if local is None and phase == OUTCOME and self.cfg.federation.pretrain_rounds:
                 pretrained = latest_local_state(self.site_root, _phase_id(federation_id, PRETRAIN), round)
                 if pretrained is not None:
-                    local = {k: v for k, v in pretrained.items() if ".lora_B." in k and k in state}
+                    local = {k: v for k, v in pretrained.items() if lora_factor(k) == "B" and k in state}
             if local is not None:
                 unknown = sorted(set(local) - set(state))
                 if unknown:
@@ -541,7 +542,7 @@ def _train_only(model: torch.nn.Module, roles: frozenset[str]) -> None:
     """Let the optimiser move only the adapter tensors of ``roles`` this round: the LoRA factors of other roles are
     frozen (no gradient, so AdamW leaves them alone). Base weights and FFA's frozen A (a buffer) are untouched."""
     for name, param in model.named_parameters():
-        role = "A" if ".lora_A." in name else "B" if ".lora_B." in name else None
+        role = lora_factor(name)
         if role is not None:
             param.requires_grad_(role in roles)
 

@@ -33,13 +33,13 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-HEADS_ATTR = "task_heads"
+from fedmusk.musk_model.roles import EXPERTS, HEADS_ATTR, expert_linears, is_task_head, lora_factor
+
 # fedmusk's own settings (FFA mode, seed, head names) beside peft's files; stock peft ignores this file.
 SETTINGS_FILE = "fedmusk_adapter.json"
 PEFT_PREFIX = "base_model.model."
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 FFN_TARGETS = ("fc1", "fc2")
-EXPERTS = {"A": "vision", "B": "language"}
 
 
 @dataclass
@@ -74,15 +74,9 @@ class LoraSettings:
 
     def target_regex(self) -> str:
         """A regex that peft full-matches against module names; it names exactly the chosen experts' Linears."""
-        experts = "|".join(self.experts)
-        parts = []
         attention = [t for t in self.targets if t in ATTENTION_TARGETS]
         ffn = [t for t in self.targets if t in FFN_TARGETS]
-        if attention:
-            parts.append(rf"self_attn\.({'|'.join(attention)})\.({experts})")
-        if ffn:
-            parts.append(rf"ffn\.({experts})\.({'|'.join(ffn)})")
-        return rf"beit3\.encoder\.layers\.\d+\.({'|'.join(parts)})"
+        return expert_linears(attention, ffn, self.experts)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -194,8 +188,12 @@ def _adapter_tensors(model: PeftModel) -> dict[str, Tensor]:
     adapter = _require_peft(model).active_adapter
     out = {}
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-        lora = f".lora_A.{adapter}." in name or f".lora_B.{adapter}." in name
-        head = name.startswith(f"{PEFT_PREFIX}{HEADS_ATTR}.") and f".modules_to_save.{adapter}." in name
+        lora = lora_factor(name, adapter) is not None
+        head = (
+            name.startswith(PEFT_PREFIX)
+            and is_task_head(name.removeprefix(PEFT_PREFIX))
+            and f".modules_to_save.{adapter}." in name
+        )
         if lora or head:
             out[_stable_name(name)] = tensor
     return out
@@ -207,7 +205,7 @@ def _exchanged(model: PeftModel, trainable_only: bool) -> dict[str, Tensor]:
     tensors = _adapter_tensors(model)
     settings = getattr(model, "fedmusk_settings", None)
     if trainable_only and settings is not None and settings.ffa:
-        tensors = {n: t for n, t in tensors.items() if ".lora_A." not in n}
+        tensors = {n: t for n, t in tensors.items() if lora_factor(n) != "A"}
     return tensors
 
 

@@ -3,9 +3,8 @@
 An adapter state is a ``dict[str, Tensor]`` (float32). LoRA factors follow peft's names: a layer's
 down-projection ``<layer>.lora_A[.<adapter>].weight`` of shape (r, in) and up-projection
 ``<layer>.lora_B[.<adapter>].weight`` of shape (out, r), whose product ``B @ A`` is the layer's weight update.
-Every other tensor (MIL head, classifier) has the role "head". MUSK's multiway experts are also called A and B
-(``...q_proj.B.lora_A.weight`` is the language expert's lora_A): roles come from the ``lora_A``/``lora_B``
-component alone.
+Every other tensor (MIL head, classifier) has the role "head". What a name means is decided by
+``fedmusk.musk_model.roles`` (``...q_proj.B.lora_A.weight`` is the language expert's lora_A).
 
 Why averaging LoRA factors is subtle: averaging A and B separately (FedIT) yields ``mean(B) @ mean(A)``, which is
 not ``mean(B @ A)`` -- the cross terms ``B_i @ A_j`` (i != j) leak in. FFA-LoRA (Sun et al. 2024) freezes A at a
@@ -31,6 +30,8 @@ from typing import Literal
 
 import torch
 
+from fedmusk.musk_model.roles import lora_factor, lora_partner
+
 StateDict = dict[str, torch.Tensor]
 Role = Literal["A", "B", "head"]
 SharingMode = Literal["fedit", "ffa", "fedsa", "rolora"]
@@ -52,11 +53,7 @@ SECURE_SUM_WEIGHT_KEY = "__secure_sum_weight__"
 
 def tensor_role(name: str) -> Role:
     """'A' for a lora_A factor, 'B' for a lora_B factor, 'head' for any other trainable tensor."""
-    parts = name.split(".")
-    is_a, is_b = "lora_A" in parts, "lora_B" in parts
-    if is_a and is_b:
-        raise ValueError(f"tensor {name!r} names both lora_A and lora_B")
-    return "A" if is_a else "B" if is_b else "head"
+    return lora_factor(name) or "head"
 
 
 def lora_pairs(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[str, str]]:
@@ -68,10 +65,7 @@ def lora_pairs(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[str, str]]:
     for name in state:
         if tensor_role(name) != "A":
             continue
-        parts = name.split(".")
-        i = parts.index("lora_A")
-        layer = ".".join(parts[:i])
-        partner = ".".join([*parts[:i], "lora_B", *parts[i + 1 :]])
+        layer, partner = lora_partner(name)
         if partner not in state:
             raise ValueError(f"LoRA factor {name!r} has no partner {partner!r}")
         if layer in pairs:

@@ -6,7 +6,9 @@ round, a pooled (centralized) baseline and a single-site baseline.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import numpy as np
 import torch
@@ -22,19 +24,14 @@ from fedmusk.musk_model.heads import (
     pad_bags,
     survival_curve,
 )
-from fedmusk.musk_model.lora import (
-    EXPERTS,
-    LoraSettings,
-    adapter_state,
-    apply_lora,
-    load_adapter_state,
-    task_heads,
-)
+from fedmusk.musk_model.lora import LoraSettings, adapter_state, apply_lora, load_adapter_state, task_heads
+from fedmusk.musk_model.roles import EXPERTS
 from fedmusk.musk_model.losses import binary_response_loss, cox_partial_likelihood, discrete_time_nll
 from fedmusk.precision import FLOAT32, autocast, resolve_precision
 from fedmusk.training.cohort import CaseRecord
 from fedmusk.training.features import FeatureStore, TileReader
-from fedmusk.evaluation.metrics import response_metrics, survival_metrics
+from fedmusk.evaluation.binary import response_metrics
+from fedmusk.evaluation.survival import survival_metrics
 
 OUTCOME_TASKS = ("survival", "response")
 log = logging.getLogger(__name__)
@@ -116,8 +113,11 @@ class OutcomeTrainer:
     """Trains and evaluates one outcome model on a list of cases (one site's, or several sites' pooled).
 
     The trainable state is exactly ``adapter_state()``: LoRA tensors of the configured experts plus the fusion and
-    outcome heads. ``base_model`` is consumed (wrapped by peft).
+    outcome heads. ``base_model`` is consumed (wrapped by peft). ``train_epoch`` and ``evaluate`` work on ``splits``,
+    the cases by split ("train", "val", "test"), which the training session sets; ``predict`` takes any cases.
     """
+
+    splits: Mapping[str, list[CaseRecord]] = MappingProxyType({})
 
     def __init__(self, cfg: FedMuskConfig, base_model, tokenizer, features: FeatureStore | None, device):
         t = cfg.train
@@ -159,6 +159,11 @@ class OutcomeTrainer:
 
     def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
         load_adapter_state(self.model, state)
+
+    @property
+    def num_train_items(self) -> int:
+        """The training cases this task learns from: a site's weight in FedAvg."""
+        return len(self.usable_cases(self.splits["train"]))
 
     # -- inputs ------------------------------------------------------------------------------------------------------
 
@@ -219,11 +224,12 @@ class OutcomeTrainer:
 
     # -- training ----------------------------------------------------------------------------------------------------
 
-    def train_epoch(self, cases: list[CaseRecord], proximal=None) -> dict[str, float]:
-        """One pass over ``cases`` in shuffled mini-batches. ``proximal(model) -> Tensor`` adds a FedProx term.
+    def train_epoch(self, proximal=None) -> dict[str, float]:
+        """One pass over the training cases in shuffled mini-batches. ``proximal(model) -> Tensor`` adds a FedProx
+        term.
 
         Returns the mean loss and the number of cases seen."""
-        cases = self.usable_cases(cases)
+        cases = self.usable_cases(self.splits["train"])
         self.model.train()
         order = torch.randperm(len(cases), generator=self.generator).tolist()
         losses, seen = [], 0
@@ -276,11 +282,11 @@ class OutcomeTrainer:
             risks = logits
         return Predictions(cases, risks.numpy().astype(float), survival, eval_times)
 
-    def evaluate(self, cases: list[CaseRecord], train_cases: list[CaseRecord] | None = None) -> dict:
-        """Metrics of this model on ``cases``: C-index (Harrell, Uno), time-dependent AUC and integrated Brier score
-        for survival; AUROC/AUPRC for response; bootstrap confidence intervals. ``auc`` is null for survival and
-        ``c_index`` null for response."""
-        return metrics_for(self.predict(cases), self.cfg, train_cases)
+    def evaluate(self, split: str = "val") -> dict:
+        """Metrics of this model on the cases of ``split``: C-index (Harrell, Uno), time-dependent AUC and integrated
+        Brier score for survival (IPCW weights from the training cases); AUROC/AUPRC for response; bootstrap
+        confidence intervals. ``auc`` is null for survival and ``c_index`` null for response."""
+        return metrics_for(self.predict(self.splits[split]), self.cfg, self.splits["train"])
 
 
 def metrics_for(pred: Predictions, cfg: FedMuskConfig, train_cases: list[CaseRecord] | None = None) -> dict:

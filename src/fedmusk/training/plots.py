@@ -17,16 +17,9 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from fedmusk.evaluation.metrics import (
-    UndefinedMetricError,
-    _binary,
-    _step,
-    _survival,
-    auroc,
-    kaplan_meier,
-    logrank_test,
-    roc_curve,
-)
+from fedmusk.evaluation.arrays import UndefinedMetricError, binary_labels
+from fedmusk.evaluation.binary import auroc, roc_curve
+from fedmusk.evaluation.survival import kaplan_meier, logrank_test, step, survival_arrays
 
 _GROUP_NAMES = {2: ("Low risk", "High risk"), 3: ("Low risk", "Intermediate risk", "High risk")}
 _GROUP_COLOURS = {2: ("#1f77b4", "#d62728"), 3: ("#1f77b4", "#ff7f0e", "#d62728")}  # low risk blue, high red
@@ -94,7 +87,7 @@ def plot_kaplan_meier(
 
     ``groups`` is 2 (split at the median risk) or 3 (tertiles). Returns the written PNG's path.
     """
-    time, event, risk = _survival(time, event, risk)
+    time, event, risk = survival_arrays(time, event, risk)
     if len(time) == 0:
         raise ValueError("no patients to plot")
     group = risk_groups(risk, groups)
@@ -110,7 +103,7 @@ def plot_kaplan_meier(
         curves.step(np.r_[start, steps], np.r_[1.0, surv], where="post", color=colours[g],
                     label=f"{names[g]} (n={int(member.sum())})")
         censored = time[member & ~event]
-        curves.plot(censored, _step(steps, surv, censored), "|", color=colours[g], markersize=8, mew=1.2)
+        curves.plot(censored, step(steps, surv, censored), "|", color=colours[g], markersize=8, mew=1.2)
     try:
         result = logrank_test(time, event, group)
         test_text = f"Log-rank {_format_p(result.p_value)}"
@@ -135,7 +128,7 @@ def plot_roc(
     y: Any, score: Any, out_png: str | PathLike[str], title: str = "ROC curve", label: str = "Model"
 ) -> Path:
     """ROC curve with the AUROC in the legend and the chance diagonal; UndefinedMetricError unless both classes."""
-    y = _binary(y, "y")
+    y = binary_labels(y, "y")
     fpr, tpr, _ = roc_curve(y, score)
     fig = Figure(figsize=(5.5, 5.5))
     ax = fig.subplots()

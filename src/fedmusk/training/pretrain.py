@@ -15,9 +15,9 @@ or tiles) still contributes what it has. The prediction heads are task heads of 
 with the LoRA tensors; which heads exist follows from the configuration only (never from a site's data), so every
 site exchanges the same tensor names.
 
-``PretrainTrainer`` has the outcome trainer's interface and ``PretrainSession`` the ``SiteSession``'s, so the
-federation runs pretraining rounds with the same code. ``carry_lora`` moves the LoRA tensors of a pretraining adapter
-into an outcome adapter (the heads differ between the phases).
+``PretrainTrainer`` has the outcome trainer's interface (``fedmusk.training.session.Trainer``), so the same
+``TrainingSession`` runs pretraining rounds and outcome rounds. ``carry_lora`` moves the LoRA tensors of a
+pretraining adapter into an outcome adapter (the heads differ between the phases).
 """
 
 from __future__ import annotations
@@ -45,9 +45,10 @@ from fedmusk.musk_model.losses import (
     teacher_patch_features,
 )
 from fedmusk.musk_model.masking import block_mask, whole_word_mask
+from fedmusk.musk_model.roles import is_lora
 from fedmusk.musk_model.transforms import musk_transform
 from fedmusk.precision import BFLOAT16, resolve_precision
-from fedmusk.runtime import load_model, load_tokenizer, resolve_device, seed_everything
+from fedmusk.runtime import seed_everything
 from fedmusk.training import augment
 from fedmusk.training.outcome import lora_settings
 from fedmusk.training.pretrain_data import PRETRAIN_DIR, PretrainData, PretrainImage, read_pretrain_folder
@@ -76,7 +77,7 @@ def site_pretrain_data(site_root: str | Path, cfg: FedMuskConfig, max_words: int
 
 def lora_only(state: StateDict) -> StateDict:
     """The LoRA tensors of an adapter state (``...lora_A.weight``, ``...lora_B.weight``), without task heads."""
-    return {n: t for n, t in state.items() if ".lora_A." in n or ".lora_B." in n}
+    return {n: t for n, t in state.items() if is_lora(n)}
 
 
 def carry_lora(pretrained: StateDict, target: StateDict) -> StateDict:
@@ -212,7 +213,7 @@ class _Batches:
 
 class PretrainTrainer:
     """Continued pretraining of one MUSK (``base_model``, consumed: wrapped by peft) on the pretrain/ folders of
-    ``site_roots``; the interface of ``OutcomeTrainer`` (adapter_state, load_adapter_state, train_epoch, evaluate).
+    ``site_roots``; a session's ``Trainer`` as ``OutcomeTrainer`` is (``fedmusk.training.session``).
 
     A site without a ``pretrain/`` folder pretrains on its own training cases instead (``site_pretrain_data``).
     Items are split into train/val/test as cases are (``assign_split`` by file name or text, 5% val, 5% test);
@@ -426,38 +427,3 @@ class PretrainTrainer:
         out = {k: float(losses[k]) if k in losses else float("nan") for k in (*OBJECTIVES, "aux_mlm")}
         out["loss"] = float(self._total(losses)) if losses else float("nan")
         return {**out, "n": used}
-
-
-class PretrainSession:
-    """Continued pretraining on the pretrain/ folders of ``site_roots``, with ``SiteSession``'s interface so that
-    the federation runs it for pretraining rounds (``train.task == "pretrain"`` or ``federation.pretrain_rounds``)."""
-
-    def __init__(self, cfg: FedMuskConfig, site_roots: Sequence[str | Path], device=None, progress=None, warn=None):
-        # progress: accepted for SiteSession's signature; nothing here is slow enough to report
-        self.cfg = cfg
-        seed_everything(cfg.seed)
-        self.device = resolve_device(cfg.device) if device is None else torch.device(device)
-        self.site_roots = [Path(s) for s in site_roots]
-        base = load_model(cfg.model, self.device, cfg.seed)
-        self.trainer = PretrainTrainer(cfg, base, load_tokenizer(cfg.model), self.site_roots, self.device, warn)
-
-    @property
-    def num_train_cases(self) -> int:
-        return self.trainer.num_train_items
-
-    def adapter_state(self) -> StateDict:
-        return self.trainer.adapter_state()
-
-    def load_adapter_state(self, state: StateDict) -> None:
-        self.trainer.load_adapter_state(state)
-
-    def train(self, epochs: int = 1, proximal=None) -> dict[str, float]:
-        """``epochs`` x ``train.pretrain.steps`` steps; returns the last epoch's mean losses and examples used."""
-        metrics: dict[str, float] = {}
-        for _ in range(epochs):
-            metrics = self.trainer.train_epoch(proximal)
-        return metrics
-
-    def evaluate(self, split: str = "val") -> dict:
-        """Objective losses on the fixed held-out batch of ``split``."""
-        return self.trainer.evaluate(split)

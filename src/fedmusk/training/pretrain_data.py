@@ -14,8 +14,6 @@ and decoded when a batch needs them; either way an unreadable file raises ``Site
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import re
 from dataclasses import dataclass, field
@@ -25,7 +23,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from fedmusk.data.errors import SiteDataError
-from fedmusk.data.site.manifest import relative_site_path
+from fedmusk.data.site.pairs import read_pairs
 from fedmusk.data.site.reports import read_report
 from fedmusk.training.cohort import assign_split
 
@@ -111,7 +109,7 @@ def read_pretrain_folder(site_root: str | Path, max_words: int = DEFAULT_MAX_WOR
                 for document in _documents(site_root, f):
                     data.texts += split_document(document, max_words)
     if (folder / "pairs.csv").is_file():
-        data.pairs = _read_pairs(site_root, folder / "pairs.csv")
+        data.pairs = _read_pairs(site_root)
     return data
 
 
@@ -200,33 +198,6 @@ def _documents(site_root: Path, path: Path) -> list[str]:
     return documents
 
 
-def _read_pairs(site_root: Path, path: Path) -> list[PretrainPair]:
-    name = path.relative_to(site_root).as_posix()
-    try:
-        content = read_report(path)
-    except SiteDataError as err:
-        raise SiteDataError(err.message, path=name) from None
-    rows = list(csv.reader(io.StringIO(content, newline="")))
-    header = [h.strip().lower() for h in rows[0]] if rows else []
-    for column in ("image", "caption"):
-        if column not in header:
-            raise SiteDataError(f"required column '{column}' is missing (header must be 'image,caption')",
-                                path=name, field=column)  # fmt: skip
-    image_col, caption_col = header.index("image"), header.index("caption")
-    pairs = []
-    for n, cells in enumerate(rows[1:], start=1):
-        image = cells[image_col].strip() if image_col < len(cells) else ""
-        caption = cells[caption_col].strip() if caption_col < len(cells) else ""
-        if not image and not caption:
-            continue
-        if not caption:
-            continue  # validation warns: the pair is skipped
-        rel, why = relative_site_path(image) if image else (None, "is empty")
-        if why:
-            why = why.replace("site folder", "pretrain folder")
-            raise SiteDataError(f"row {n}: image path {why}", path=name, field="image")
-        file = site_root / PRETRAIN_DIR / rel
-        if not file.exists():
-            raise SiteDataError(f"row {n}: image {PRETRAIN_DIR}/{rel} not found", path=name, field="image")
-        pairs.append(PretrainPair(_image(site_root, file), caption))
-    return pairs
+def _read_pairs(site_root: Path) -> list[PretrainPair]:
+    rows = read_pairs(site_root / PRETRAIN_DIR, strict=True).pairs
+    return [PretrainPair(_image(site_root, site_root / PRETRAIN_DIR / p.image), p.caption) for p in rows]

@@ -19,7 +19,7 @@ from fedmusk.config import ConfigError, FedMuskConfig, to_yaml
 from fedmusk.musk_model.lora import save_adapter
 from fedmusk.runtime import check_model_config
 from fedmusk.training.plots import plot_kaplan_meier, plot_roc, plot_round_curves
-from fedmusk.training.site import SiteSession
+from fedmusk.training.session import TrainingSession
 
 
 def selection_score(task: str, metrics: dict) -> float | None:
@@ -62,7 +62,7 @@ def run_train(
     (out_dir / "config.yaml").write_text(to_yaml(cfg))
     task = cfg.train.task
     start = time.perf_counter()
-    session = SiteSession(cfg, site_roots, warn=lambda message: console.print(Text(message, style="yellow")))
+    session = TrainingSession(cfg, site_roots, warn=lambda message: console.print(Text(message, style="yellow")))
     sizes = {split: len(session.trainer.usable_cases(cases)) for split, cases in session.splits.items()}
     mode = "centralized" if len(site_roots) > 1 else "local"
     excluded = session.exclusion_counts

@@ -1,16 +1,14 @@
 """Checks of a site's optional ``pretrain/`` folder: ``images/``, ``text/`` (.txt, .jsonl with "text") and
-``pairs.csv`` (image, caption). Row numbers are data rows of pairs.csv (row 1 = first row under the header) and
-line numbers of .jsonl files."""
+``pairs.csv`` (image, caption; read by ``fedmusk.data.site.pairs``). Row numbers are data rows of pairs.csv (row 1 =
+first row under the header) and line numbers of .jsonl files."""
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from pathlib import Path
 
 from fedmusk.data.errors import SiteDataError
-from fedmusk.data.site.manifest import relative_site_path
+from fedmusk.data.site.pairs import PAIRS_FILE, read_pairs
 from fedmusk.data.site.problems import Problem, error, warning
 from fedmusk.data.site.reports import describe_findings, find_identifiers, read_report
 
@@ -35,7 +33,7 @@ def pretrain_problems(pretrain: Path, check_images: bool = True) -> list[Problem
         for file in sorted(f for f in text.rglob("*") if f.is_file() and not f.name.startswith(".")):
             problems.extend(_pretrain_text_problems(pretrain, file))
     if pairs.exists():
-        problems.extend(_pairs_problems(pretrain, pairs, check_images))
+        problems.extend(_pairs_problems(pretrain, check_images))
     return problems
 
 
@@ -77,52 +75,18 @@ def _pretrain_text_problems(pretrain: Path, file: Path) -> list[Problem]:
     return found
 
 
-def _pairs_problems(pretrain: Path, pairs: Path, check_images: bool) -> list[Problem]:
-    where = "pretrain/pairs.csv"
-    try:
-        content = read_report(pairs)
-    except SiteDataError as err:
-        return [error(err.message, path=where)]
-    records = list(csv.reader(io.StringIO(content, newline="")))
-    if not records:
-        return [error("is empty: it needs a header line 'image,caption'", path=where)]
-    header = [h.strip().lower() for h in records[0]]
-    missing = [c for c in ("image", "caption") if c not in header]
-    if missing:
-        found = ", ".join(h for h in header if h) or "none"
-        message = "required column '{}' is missing (columns found: {})"
-        return [error(message.format(c, found), field=c, path=where) for c in missing]
-    image_col, caption_col = header.index("image"), header.index("caption")
-    found: list[Problem] = []
+def _pairs_problems(pretrain: Path, check_images: bool) -> list[Problem]:
+    pairs = read_pairs(pretrain, strict=False, image_problem=lambda path: _pretrain_image_problem(path, check_images))
+    found = pairs.problems
     flagged: list[str] = []
-    checked: dict[str, str | None] = {}
-    for n, cells in enumerate(records[1:], start=1):
-        if not any(c.strip() for c in cells):
-            continue
-        image = cells[image_col].strip() if image_col < len(cells) else ""
-        caption = cells[caption_col].strip() if caption_col < len(cells) else ""
-        if not image:
-            found.append(error("image is empty", row=n, field="image", path=where))
-        else:
-            rel, why = relative_site_path(image)
-            if why:
-                found.append(error(f"image path {why.replace('site folder', 'pretrain folder')}", row=n,
-                                   field="image", path=where))
-            else:
-                if rel not in checked:
-                    checked[rel] = _pretrain_image_problem(pretrain / rel, check_images)
-                if checked[rel]:
-                    found.append(error(f"image pretrain/{rel} {checked[rel]}", row=n, field="image", path=where))
-        if not caption:
-            found.append(warning("caption is empty; the pair is skipped", row=n, field="caption", path=where))
-        else:
-            kinds = sorted({f.kind for f in find_identifiers(caption)})
-            if kinds:
-                flagged.append(f"row {n} ({', '.join(kinds)})")
+    for n, caption in pairs.captions.items():
+        kinds = sorted({f.kind for f in find_identifiers(caption)})
+        if kinds:
+            flagged.append(f"row {n} ({', '.join(kinds)})")
     if flagged:
         more = f" and {len(flagged) - _MAX_POSITIONS} more rows" if len(flagged) > _MAX_POSITIONS else ""
         found.append(warning(f"captions may contain patient identifiers: {'; '.join(flagged[:_MAX_POSITIONS])}{more}",
-                             field="caption", path=where))
+                             field="caption", path=PAIRS_FILE))
     return found
 
 

@@ -1,18 +1,18 @@
-"""Evaluation metrics for survival endpoints (prognosis, relapse) and binary endpoints (immunotherapy response).
+"""Metrics of a survival endpoint (prognosis, relapse): Kaplan-Meier, C-indices, time-dependent AUC, Brier score,
+log-rank test, and ``survival_metrics``, all of them with bootstrap confidence intervals.
 
 Everything here is plain numpy and takes array-likes: numpy arrays, lists or torch tensors (on any device).
 Conventions: ``time`` is follow-up time, ``event`` is 1 where the event was observed and 0 where follow-up was
-censored, ``risk`` is higher for patients expected to have the event sooner, ``y`` is 1 for responders.
+censored, ``risk`` is higher for patients expected to have the event sooner.
 
 The survival estimators follow the definitions of scikit-survival (tie handling included), so numbers can be
 compared with results published with that library; the tests use it, lifelines and scikit-learn as references.
 The censoring distribution for inverse-probability-of-censoring weights (IPCW) is the Kaplan-Meier estimate on
 ``train_time``/``train_event`` when given, else on the evaluation data itself.
 
-Two kinds of error: malformed input (wrong shapes, NaN, unsorted ``times``) raises ``ValueError``; data that do
-not define the metric (one class only, no comparable pairs, a time past the end of follow-up) raise
-:class:`UndefinedMetricError`. :func:`bootstrap_ci` skips resamples that raise it, and :func:`survival_metrics` /
-:func:`response_metrics` report such metrics as None with a reason.
+Malformed input raises ``ValueError``; data that do not define a metric (no comparable pairs, a time past the end of
+follow-up) raise ``UndefinedMetricError`` (``fedmusk.evaluation.arrays``). ``survival_metrics`` reports such
+metrics as None with a reason.
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from fedmusk.evaluation.arrays import UndefinedMetricError, as_array, binary_labels, same_length, vector
+from fedmusk.evaluation.binary import roc_points, tie_groups, trapezoid_area
+from fedmusk.evaluation.bootstrap import record
+
 TIED_TOL = 1e-8  # risk scores closer than this count as tied (scikit-survival's default)
-
-
-class UndefinedMetricError(ValueError):
-    """The data at hand do not define the metric (e.g. one class only, no comparable pairs)."""
 
 
 class LogRankResult(NamedTuple):
@@ -36,53 +36,16 @@ class LogRankResult(NamedTuple):
     df: int
 
 
-class BootstrapCI(NamedTuple):
-    point: float
-    low: float | None
-    high: float | None
-
-
-# ----------------------------------------------------------------------------------------------- input checks
-
-
-def _array(x: Any) -> np.ndarray:
-    if hasattr(x, "detach"):  # torch tensor, possibly on a GPU or requiring grad
-        x = x.detach().cpu().numpy()
-    return np.asarray(x)
-
-
-def _vector(x: Any, name: str) -> np.ndarray:
-    arr = _array(x).astype(float)
-    if arr.ndim != 1:
-        raise ValueError(f"{name} must be one-dimensional, got shape {arr.shape}")
-    if not np.isfinite(arr).all():
-        raise ValueError(f"{name} contains NaN or infinite values")
-    return arr
-
-
-def _binary(x: Any, name: str) -> np.ndarray:
-    arr = _vector(x, name)
-    if not np.isin(arr, (0.0, 1.0)).all():
-        raise ValueError(f"{name} must contain only 0/1 (or False/True)")
-    return arr.astype(bool)
-
-
-def _same_length(**arrays: np.ndarray) -> None:
-    lengths = {name: len(a) for name, a in arrays.items()}
-    if len(set(lengths.values())) > 1:
-        raise ValueError(f"inputs differ in length: {lengths}")
-
-
-def _survival(time: Any, event: Any, risk: Any | None = None) -> tuple[np.ndarray, ...]:
-    arrays = {"time": _vector(time, "time"), "event": _binary(event, "event")}
+def survival_arrays(time: Any, event: Any, risk: Any | None = None) -> tuple[np.ndarray, ...]:
+    arrays = {"time": vector(time, "time"), "event": binary_labels(event, "event")}
     if risk is not None:
-        arrays["risk"] = _vector(risk, "risk")
-    _same_length(**arrays)
+        arrays["risk"] = vector(risk, "risk")
+    same_length(**arrays)
     return tuple(arrays.values())
 
 
 def _eval_times(times: Any, time: np.ndarray) -> np.ndarray:
-    times = np.atleast_1d(_array(times).astype(float))
+    times = np.atleast_1d(as_array(times).astype(float))
     if times.ndim != 1 or len(times) == 0 or not np.isfinite(times).all():
         raise ValueError("times must be a non-empty one-dimensional array of finite values")
     if np.any(np.diff(times) <= 0):
@@ -107,7 +70,7 @@ def _risk_table(time: np.ndarray, event: np.ndarray) -> tuple[np.ndarray, ...]:
     return uniq, len(time) - first.astype(float), n_events, counts - n_events
 
 
-def _step(knots: np.ndarray, values: np.ndarray, t: np.ndarray) -> np.ndarray:
+def step(knots: np.ndarray, values: np.ndarray, t: np.ndarray) -> np.ndarray:
     """Right-continuous step function that is 1 before the first knot."""
     idx = np.searchsorted(knots, t, side="right") - 1
     return np.where(idx >= 0, values[np.maximum(idx, 0)], 1.0)
@@ -115,7 +78,7 @@ def _step(knots: np.ndarray, values: np.ndarray, t: np.ndarray) -> np.ndarray:
 
 def kaplan_meier(time: Any, event: Any) -> tuple[np.ndarray, np.ndarray]:
     """Kaplan-Meier survival curve: the distinct observed times and S(t) just after each of them."""
-    time, event = _survival(time, event)
+    time, event = survival_arrays(time, event)
     uniq, at_risk, n_events, _ = _risk_table(time, event)
     return uniq, np.cumprod(1.0 - n_events / np.maximum(at_risk, 1.0))
 
@@ -132,7 +95,7 @@ def _censoring_survival(time: np.ndarray, event: np.ndarray) -> Callable[[np.nda
         if t.size and (len(uniq) == 0 or (np.any(t > uniq[-1]) and surv[-1] > 0)):
             end = f"{uniq[-1]:g}" if len(uniq) else "none"
             raise UndefinedMetricError(f"time past the censoring data's last follow-up ({end}); IPCW undefined")
-        return _step(uniq, surv, t)
+        return step(uniq, surv, t)
 
     return survival
 
@@ -142,7 +105,7 @@ def _training_censoring(time, event, train_time, train_event) -> Callable[[np.nd
         raise ValueError("give both train_time and train_event, or neither")
     if train_time is None:
         return _censoring_survival(time, event)
-    return _censoring_survival(*_survival(train_time, train_event))
+    return _censoring_survival(*survival_arrays(train_time, train_event))
 
 
 def _inverse(g: np.ndarray, what: str) -> np.ndarray:
@@ -207,7 +170,7 @@ def harrell_c_index(time: Any, event: Any, risk: Any, tied_tol: float = TIED_TOL
     1 means risk orders every comparable pair correctly, 0.5 is chance. Raises UndefinedMetricError when no
     pair is comparable (e.g. no events).
     """
-    time, event, risk = _survival(time, event, risk)
+    time, event, risk = survival_arrays(time, event, risk)
     return _concordance(time, event, risk, np.ones(len(time)), tied_tol)
 
 
@@ -227,7 +190,7 @@ def uno_c_index(
     tau count. Raises UndefinedMetricError when no pair is comparable or G is zero (or unknown, past the
     training follow-up) at a needed event time; a ``tau`` below the last follow-up avoids the latter.
     """
-    time, event, risk = _survival(time, event, risk)
+    time, event, risk = survival_arrays(time, event, risk)
     censoring = _training_censoring(time, event, train_time, train_event)
     weights = np.zeros(len(time))
     if len(time):
@@ -240,63 +203,6 @@ def uno_c_index(
     return _concordance(time, event, risk, weights, tied_tol)
 
 
-# ----------------------------------------------------------------------------------------------- ROC and AUCs
-
-
-def _tie_groups(score: np.ndarray, tied_tol: float) -> tuple[np.ndarray, np.ndarray]:
-    """Rank of each score's tie group, 0 for the highest, and each group's highest score."""
-    order = np.argsort(-score, kind="stable")
-    ranked = score[order]
-    starts = np.r_[True, np.abs(np.diff(ranked)) > tied_tol]
-    groups = np.empty(len(score), dtype=int)
-    groups[order] = np.cumsum(starts) - 1
-    return groups, ranked[starts]
-
-
-def _roc_points(groups: np.ndarray, positive: np.ndarray, negative: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """ROC curve (FPR, TPR) of weighted positives/negatives, one point per threshold, starting at (0, 0)."""
-    tp = np.r_[0.0, np.cumsum(np.bincount(groups, weights=positive))]
-    fp = np.r_[0.0, np.cumsum(np.bincount(groups, weights=negative))]
-    return fp / fp[-1], tp / tp[-1]
-
-
-def _area(x: np.ndarray, y: np.ndarray) -> float:
-    return float(np.sum(np.diff(x) * (y[1:] + y[:-1]) / 2.0))
-
-
-def _labels_and_scores(y: Any, score: Any) -> tuple[np.ndarray, np.ndarray]:
-    y, score = _binary(y, "y"), _vector(score, "score")
-    _same_length(y=y, score=score)
-    if y.all() or not y.any():
-        raise UndefinedMetricError("needs both classes (responders and non-responders)")
-    return y, score
-
-
-def roc_curve(y: Any, score: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(false positive rate, true positive rate, threshold) at every distinct score, from (0, 0) to (1, 1)."""
-    y, score = _labels_and_scores(y, score)
-    groups, thresholds = _tie_groups(score, 0.0)
-    fpr, tpr = _roc_points(groups, y.astype(float), (~y).astype(float))
-    return fpr, tpr, np.r_[np.inf, thresholds]
-
-
-def auroc(y: Any, score: Any) -> float:
-    """Area under the ROC curve (ties in score count 1/2), as scikit-learn's ``roc_auc_score``."""
-    fpr, tpr, _ = roc_curve(y, score)
-    return _area(fpr, tpr)
-
-
-def auprc(y: Any, score: Any) -> float:
-    """Average precision, as scikit-learn's ``average_precision_score``: sum over thresholds of P * delta R.
-
-    Raises UndefinedMetricError unless both classes are present (with no negatives it would be trivially 1).
-    """
-    y, score = _labels_and_scores(y, score)
-    groups, _ = _tie_groups(score, 0.0)
-    tp = np.cumsum(np.bincount(groups, weights=y.astype(float)))
-    predicted = np.cumsum(np.bincount(groups))
-    recall = tp / tp[-1]
-    return float(np.sum(np.diff(np.r_[0.0, recall]) * tp / predicted))
 
 
 def time_dependent_auc(
@@ -314,10 +220,10 @@ def time_dependent_auc(
     by 1 / G(t_i), and controls are patients still followed after t. Returns the AUC per time and their mean
     weighted by the drops of the Kaplan-Meier curve of the evaluation data (the plain value for one time).
     """
-    time, event, risk = _survival(time, event, risk)
+    time, event, risk = survival_arrays(time, event, risk)
     times = _eval_times(times, time)
     censoring = _training_censoring(time, event, train_time, train_event)
-    groups, _ = _tie_groups(risk, tied_tol)
+    groups, _ = tie_groups(risk, tied_tol)
     auc = np.empty(len(times))
     for k, t in enumerate(times):
         case = event & (time <= t)
@@ -325,12 +231,12 @@ def time_dependent_auc(
             raise UndefinedMetricError(f"no events by time {t:g}")
         weights = np.zeros(len(time))
         weights[case] = _inverse(censoring(time[case]), "an event time")
-        fpr, tpr = _roc_points(groups, weights, (time > t).astype(float))
-        auc[k] = _area(fpr, tpr)
+        fpr, tpr = roc_points(groups, weights, (time > t).astype(float))
+        auc[k] = trapezoid_area(fpr, tpr)
     if len(times) == 1:
         return auc, float(auc[0])
     km_time, km_surv = kaplan_meier(time, event)
-    surv = _step(km_time, km_surv, times)
+    surv = step(km_time, km_surv, times)
     drops = -np.diff(np.r_[1.0, surv])
     return auc, float(np.sum(auc * drops) / (1.0 - surv[-1]))
 
@@ -351,9 +257,9 @@ def brier_score(
     ``survival_prob[i, k]`` is the predicted P(T_i > times[k]). Events by t are weighted 1 / G(t_i), patients
     followed past t by 1 / G(t); patients censored before t drop out.
     """
-    time, event = _survival(time, event)
+    time, event = survival_arrays(time, event)
     times = _eval_times(times, time)
-    prob = _array(survival_prob).astype(float)
+    prob = as_array(survival_prob).astype(float)
     if prob.shape != (len(time), len(times)):
         raise ValueError(f"survival_prob must have shape {(len(time), len(times))}, got {prob.shape}")
     if not np.isfinite(prob).all():
@@ -378,11 +284,11 @@ def integrated_brier_score(
     train_event: Any | None = None,
 ) -> float:
     """Brier score integrated over ``times`` by the trapezoid rule and divided by the time span (lower is better)."""
-    if np.size(_array(times)) < 2:
+    if np.size(as_array(times)) < 2:
         raise ValueError("the integrated Brier score needs at least two times")
     scores = brier_score(time, event, survival_prob, times, train_time, train_event)
-    times = _array(times).astype(float)
-    return _area(times, scores) / float(times[-1] - times[0])
+    times = as_array(times).astype(float)
+    return trapezoid_area(times, scores) / float(times[-1] - times[0])
 
 
 # --------------------------------------------------------------------------------------------- log-rank test
@@ -412,9 +318,9 @@ def logrank_test(time: Any, event: Any, group: Any) -> LogRankResult:
     ``group`` holds one label per patient (any values). Raises UndefinedMetricError with fewer than two groups
     or no events.
     """
-    time, event = _survival(time, event)
-    labels, group = np.unique(_array(group), return_inverse=True)
-    _same_length(time=time, group=group)
+    time, event = survival_arrays(time, event)
+    labels, group = np.unique(as_array(group), return_inverse=True)
+    same_length(time=time, group=group)
     if len(labels) < 2:
         raise UndefinedMetricError("the log-rank test needs at least two groups")
     event_times = np.unique(time[event])
@@ -438,55 +344,7 @@ def logrank_test(time: Any, event: Any, group: Any) -> LogRankResult:
     return LogRankResult(statistic, _chi2_sf(statistic, df), df)
 
 
-# --------------------------------------------------------------------------------- bootstrap and summaries
-
-
-def _bootstrap_values(metric_fn: Callable[..., float], arrays: list[np.ndarray], n_boot: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    n = len(arrays[0])
-    values = []
-    for _ in range(n_boot):
-        idx = rng.integers(0, n, size=n)
-        try:
-            value = float(metric_fn(*(a[idx] for a in arrays)))
-        except UndefinedMetricError:
-            continue
-        if math.isfinite(value):
-            values.append(value)
-    return np.asarray(values)
-
-
-def bootstrap_ci(
-    metric_fn: Callable[..., float], *arrays: Any, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0
-) -> BootstrapCI:
-    """Point estimate and percentile (1 - alpha) confidence interval from resampling cases with replacement.
-
-    ``arrays`` (each indexed by case along axis 0) are resampled together and passed to ``metric_fn``.
-    Resamples where the metric raises UndefinedMetricError or is not finite are skipped; ``low`` and ``high``
-    are None when no resample gave a value. The point estimate itself raises UndefinedMetricError if undefined.
-    """
-    arrays = [_array(a) for a in arrays]
-    if not arrays:
-        raise ValueError("bootstrap_ci needs at least one array")
-    _same_length(**{f"array {k}": a for k, a in enumerate(arrays)})
-    if not 0 < alpha < 1:
-        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-    point = float(metric_fn(*arrays))
-    values = _bootstrap_values(metric_fn, arrays, n_boot, seed) if len(arrays[0]) else np.zeros(0)
-    if len(values) == 0:
-        return BootstrapCI(point, None, None)
-    low, high = np.quantile(values, [alpha / 2, 1 - alpha / 2])
-    return BootstrapCI(point, float(low), float(high))
-
-
-def _record(out: dict, reasons: dict, key: str, metric_fn, arrays, n_boot: int, alpha: float, seed: int) -> None:
-    try:
-        ci = bootstrap_ci(metric_fn, *arrays, n_boot=n_boot, alpha=alpha, seed=seed)
-    except UndefinedMetricError as err:
-        out[key], out[f"{key}_ci"], reasons[key] = None, None, str(err)
-        return
-    out[key] = ci.point
-    out[f"{key}_ci"] = None if ci.low is None else [ci.low, ci.high]
+# ----------------------------------------------------------------------------------------------------- summary
 
 
 def _default_times(time: np.ndarray, event: np.ndarray) -> np.ndarray:
@@ -518,22 +376,22 @@ def survival_metrics(
     ``n_events``, ``tau``, ``alpha``, ``n_boot``. ``times`` defaults to the quartiles of the event times.
     An undefined metric is None and ``reasons[key]`` says why; nothing is raised for data-dependent problems.
     """
-    time, event, risk = _survival(time, event, risk)
+    time, event, risk = survival_arrays(time, event, risk)
     if survival_prob is not None and times is None:
         raise ValueError("survival_prob needs the times its columns refer to")
-    times = _default_times(time, event) if times is None else _array(times).astype(float)
+    times = _default_times(time, event) if times is None else as_array(times).astype(float)
     out: dict[str, Any] = {"n": len(time), "n_events": int(event.sum()), "times": [float(t) for t in times]}
     out.update(tau=None if tau is None else float(tau), alpha=alpha, n_boot=n_boot)
     reasons: dict[str, str] = {}
     boot = dict(n_boot=n_boot, alpha=alpha, seed=seed)
     survival_data = (time, event, risk)
 
-    _record(out, reasons, "c_index", harrell_c_index, survival_data, **boot)
+    record(out, reasons, "c_index", harrell_c_index, survival_data, **boot)
 
     def uno(t, e, r):
         return uno_c_index(t, e, r, train_time, train_event, tau)
 
-    _record(out, reasons, "c_index_uno", uno, survival_data, **boot)
+    record(out, reasons, "c_index_uno", uno, survival_data, **boot)
 
     def mean_td_auc(t, e, r):
         return time_dependent_auc(t, e, r, times, train_time, train_event)[1]
@@ -542,7 +400,7 @@ def survival_metrics(
         out["td_auc"], out["td_auc_ci"], out["td_auc_per_time"] = None, None, None
         reasons["td_auc"] = "no event times inside the follow-up to evaluate at"
     else:
-        _record(out, reasons, "td_auc", mean_td_auc, survival_data, **boot)
+        record(out, reasons, "td_auc", mean_td_auc, survival_data, **boot)
         if out["td_auc"] is None:
             out["td_auc_per_time"] = None
         else:
@@ -556,24 +414,6 @@ def survival_metrics(
         def ibs(t, e, p):
             return integrated_brier_score(t, e, p, times, train_time, train_event)
 
-        _record(out, reasons, "ibs", ibs, (time, event, _array(survival_prob).astype(float)), **boot)
-    out["reasons"] = reasons
-    return out
-
-
-def response_metrics(y: Any, score: Any, *, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0) -> dict[str, Any]:
-    """AUROC and AUPRC with bootstrap CIs, as a JSON-ready dict.
-
-    Keys: ``auc``, ``auc_ci``, ``auprc``, ``auprc_ci``, ``n``, ``n_positive``, ``prevalence``, ``alpha``,
-    ``n_boot``. An undefined metric (one class only) is None and ``reasons[key]`` says why.
-    """
-    y, score = _binary(y, "y"), _vector(score, "score")
-    _same_length(y=y, score=score)
-    out: dict[str, Any] = {"n": len(y), "n_positive": int(y.sum())}
-    out["prevalence"] = float(y.mean()) if len(y) else None
-    out.update(alpha=alpha, n_boot=n_boot)
-    reasons: dict[str, str] = {}
-    for key, metric_fn in (("auc", auroc), ("auprc", auprc)):
-        _record(out, reasons, key, metric_fn, (y, score), n_boot=n_boot, alpha=alpha, seed=seed)
+        record(out, reasons, "ibs", ibs, (time, event, as_array(survival_prob).astype(float)), **boot)
     out["reasons"] = reasons
     return out
