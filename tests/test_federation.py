@@ -17,15 +17,7 @@ import pytest
 import torch
 
 from fedmusk.client.audit import AuditLog, tensor_record
-from fedmusk.client.site_client import (
-    AdapterLayout,
-    SiteAddress,
-    SiteClient,
-    phase_round,
-    round_seed,
-    secure_weight,
-    secure_weight_cap,
-)
+from fedmusk.client.site_client import SiteAddress, SiteClient, round_seed, secure_weight, secure_weight_cap
 from fedmusk.config import ConfigError, load_config
 from fedmusk.data.synth.cohort import synthesize_cohort
 from fedmusk.musk_model.lora import adapter_state as full_adapter_state
@@ -39,6 +31,7 @@ from fedmusk.server.rounds import (
     weighted_site_mean,
 )
 from fedmusk.strategies.aggregation import lora_products, weighted_mean
+from fedmusk.wire import AdapterLayout, phase_round
 
 pytestmark = pytest.mark.slow
 

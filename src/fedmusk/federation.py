@@ -25,21 +25,20 @@ from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from fedmusk.client.site_client import (  # noqa: E402
-    NODE_PARTITION,
-    RUN_OUT_DIR,
-    RUN_RESUME,
-    RUN_SITE_ROOTS,
-    RUN_SITE_SETTINGS,
-    SiteClient,
-    site_address,
-    wire_run_config,
-)
+from fedmusk.client.site_client import SiteClient, site_address  # noqa: E402
 from fedmusk.config import ConfigError, FedMuskConfig  # noqa: E402
 from fedmusk.server.checkpoint import list_rounds, load_latest  # noqa: E402
 from fedmusk.site_settings import site_local_settings  # noqa: E402
 from fedmusk.server.rounds import CHECKPOINT_DIR, ROUNDS_FILE, check_federation_config  # noqa: E402
 from fedmusk.strategies.aggregation import secure_sum_error_bound  # noqa: E402
+from fedmusk.wire import (  # noqa: E402
+    NODE_PARTITION,
+    RUN_OUT_DIR,
+    RUN_RESUME,
+    RUN_SITE_ROOTS,
+    RUN_SITE_SETTINGS,
+    wire_run_config,
+)
 
 SUMMARY_FILE = "summary.json"
 FLOWER_LOG = "flower.log"

@@ -32,7 +32,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fedmusk.client.site_client import wire_run_config
+from fedmusk.wire import wire_run_config
 from fedmusk.config import ConfigError, FedMuskConfig, load_config
 from fedmusk.server.checkpoint import load_latest
 from fedmusk.server.rounds import CHECKPOINT_DIR, ROUNDS_FILE, RoundFailed, check_federation_config

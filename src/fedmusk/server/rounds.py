@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from fedmusk.client.site_client import (
+from fedmusk.wire import (
     OUTCOME,
     PRETRAIN,
     AdapterLayout,
