@@ -18,19 +18,15 @@ import torch
 
 from fedmusk.client.audit import AuditLog, tensor_record
 from fedmusk.client.site_client import SiteAddress, SiteClient, round_seed, secure_weight, secure_weight_cap
-from fedmusk.config import ConfigError, load_config
+from fedmusk.config import ConfigError, check_config, load_config
 from fedmusk.data.synth.cohort import synthesize_cohort
 from fedmusk.musk_model.lora import adapter_state as full_adapter_state
 from fedmusk.musk_model.lora import read_adapter_file
 from fedmusk.server.checkpoint import load_round
-from fedmusk.server.rounds import (
-    RoundController,
-    RoundFailed,
-    check_federation_config,
-    initial_adapter_state,
-    weighted_site_mean,
-)
+from fedmusk.server.records import weighted_site_mean
+from fedmusk.server.rounds import RoundController, RoundFailed
 from fedmusk.strategies.aggregation import lora_products, weighted_mean
+from fedmusk.training.global_adapter import initial_adapter_state
 from fedmusk.wire import AdapterLayout, phase_round
 
 pytestmark = pytest.mark.slow
@@ -408,7 +404,7 @@ def test_federation_settings_that_cannot_work_are_refused_before_any_round():
         (["federation.min_replies=4"], "min_replies"),
     ]:
         with pytest.raises(ConfigError, match=message):
-            check_federation_config(config(*overrides))
+            check_config(config(*overrides))  # load_config runs it: the refusal comes at load
 
 
 def test_site_randomness_and_wire_layout_are_fixed_by_the_configuration():

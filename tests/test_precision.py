@@ -6,11 +6,11 @@ import logging
 import pytest
 import torch
 
-from fedmusk.config import ConfigError, load_config
+from fedmusk.config import ConfigError, learnable_experts, load_config
 from fedmusk.musk_model import MuskConfig, MuskModel
 from fedmusk.precision import autocast, bf16_native, resolve_precision
 from fedmusk.runtime import load_model, load_tokenizer, model_precision
-from fedmusk.training.outcome import OutcomeTrainer, learnable_experts
+from fedmusk.training.outcome import OutcomeTrainer
 
 
 def test_auto_precision_is_bf16_only_where_the_hardware_has_it():

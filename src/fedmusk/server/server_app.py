@@ -27,8 +27,10 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedmusk.config import FederationConfig
 from fedmusk.secagg_wire import restore_masked_vector
-from fedmusk.server.rounds import RoundController, save_global_adapter, site_error_text
+from fedmusk.server.records import site_error_text
+from fedmusk.server.rounds import RoundController
 from fedmusk.server.strategy import FedMuskStrategy
+from fedmusk.training.global_adapter import save_global_adapter
 from fedmusk.wire import RUN_OUT_DIR, RUN_RESUME, config_from_run_config
 
 DEFAULT_OUT_DIR = "fedmusk-out"
