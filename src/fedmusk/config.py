@@ -306,8 +306,8 @@ SECAGG_MODULUS = 2**32  # SecAgg+'s integer sum wraps around this (Flower's modu
 
 def check_config(cfg: FedMuskConfig) -> None:
     """Refuse settings that cannot work together: the federation's (before any site is contacted), the LoRA
-    experts the outcome model can train, the pretraining objectives. ConfigError names the key. (Choices are
-    Enums and single values VALUE_RULES: both are refused while the layers merge.)"""
+    experts the outcome model can train, the pretraining objectives. ConfigError names the key. (A value outside
+    its Enum or its VALUE_RULES range is refused earlier, while the layers merge.)"""
     fed, t = cfg.federation, cfg.train
 
     def bad(key: str, why: str) -> ConfigError:
@@ -347,8 +347,9 @@ def check_config(cfg: FedMuskConfig) -> None:
         if fed.min_sites * fed.secagg_quantization_range >= SECAGG_MODULUS:  # the integer sum would wrap around
             raise bad("secagg_quantization_range", f"{fed.min_sites} sites x quantization_range "
                       f"{fed.secagg_quantization_range} overflows modulus_range {SECAGG_MODULUS}")  # fmt: skip
-    if t.task != Task.pretrain and not learnable_experts(cfg)[0]:
-        reasons = "; ".join(learnable_experts(cfg)[1].values())
+    experts, dropped = learnable_experts(cfg)
+    if t.task != Task.pretrain and not experts:
+        reasons = "; ".join(dropped.values())
         raise ConfigError(
             f"train.lora.experts={list(t.lora.experts)}: no LoRA expert can learn ({reasons}); "
             "use train.features=end2end or a fusion that reads the report"
