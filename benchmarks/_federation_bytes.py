@@ -81,7 +81,7 @@ def large_layout(overrides: list[str]):
     device (no weights), from exactly the tensors ``adapter_state`` would copy."""
     import torch
 
-    from fedmusk.client.site_client import AdapterLayout
+    from fedmusk.wire import AdapterLayout
     from fedmusk.config import load_config
     from fedmusk.musk_model import MuskConfig, MuskModel
     from fedmusk.musk_model.lora import _exchanged
@@ -97,7 +97,7 @@ def large_layout(overrides: list[str]):
 
 def tiny_layout():
     """fedmusk's AdapterLayout of the tiny demo adapter of section 2's federations (built for real on the CPU)."""
-    from fedmusk.client.site_client import AdapterLayout
+    from fedmusk.wire import AdapterLayout
     from fedmusk.config import load_config
     from fedmusk.musk_model import MuskConfig, MuskModel
     from fedmusk.training.outcome import OutcomeTrainer

@@ -1,6 +1,6 @@
 """One federated round of 3 simulated sites with MUSK-large on one GPU, through ``fedmusk simulate``'s own code.
 
-fedmusk refuses a MUSK-large without the release's files (``fedmusk.runtime.check_model_config``), so this script
+fedmusk refuses a MUSK-large without the release's files (``fedmusk.config.check_model_config``), so this script
 makes stand-ins first: a seeded random MUSK-large written as ``model.safetensors`` (the release's tensor names and
 shapes; speed does not depend on the values) and fedmusk's tiny SentencePiece tokenizer written as a ``.spm`` file
 (ids stay far below MUSK's vocabulary). Then a small synthetic cohort (3 sites, --cases each, 384 px tiles) and

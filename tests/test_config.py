@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from fedmusk.config import ConfigError, FedMuskConfig, load_config
+from fedmusk.config import ConfigError, FedMuskConfig, config_from_mapping, load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -51,3 +51,16 @@ def test_unreadable_yaml_is_named(tmp_path):
     bad.write_text("model: [unclosed\n")
     with pytest.raises(ConfigError, match="broken.yaml: not a readable YAML"):
         load_config([bad])
+
+
+def test_settings_that_cannot_work_together_are_refused_once_at_load_whatever_the_source():
+    with pytest.raises(ConfigError, match="federation.robust: robust rules need every site's update"):
+        load_config([], ["federation.robust=median"])  # SecAgg+ is on by default
+    with pytest.raises(ConfigError, match="no LoRA expert can learn"):
+        config_from_mapping({"train": {"features": "cached", "fusion": "image"}}, "the coordinator's run config")
+    zero = ["train.pretrain.mlm_weight=0", "train.pretrain.mim_weight=0", "train.pretrain.clip_weight=0"]
+    with pytest.raises(ConfigError, match="every objective has weight 0; nothing to train"):
+        load_config([], ["federation.pretrain_rounds=1", *zero])
+    assert load_config([], zero).federation.pretrain_rounds == 0  # no pretraining: the weights do not matter
+    with pytest.raises(ConfigError, match="federation.secagg_quantization_range: 2048 sites x quantization_range"):
+        load_config([], ["federation.min_sites=2048", "federation.min_replies=2"])

@@ -101,13 +101,12 @@ def test_k8s_certs_layout_script_builds_the_certs_folder(tmp_path, monkeypatch):
 
 
 def test_k8s_federation_config_is_a_valid_fedmusk_configuration(tmp_path):
-    from fedmusk.config import load_config
-    from fedmusk.server.rounds import check_federation_config
+    from fedmusk.config import check_config, load_config
 
     (configmap,) = [d for d in k8s_documents()[K8S / "configmap.yaml"] if d["kind"] == "ConfigMap"]
     (tmp_path / "federation.yaml").write_text(configmap["data"]["federation.yaml"])
     cfg = load_config([tmp_path / "federation.yaml"], [])  # an unknown or misspelt key raises here
-    check_federation_config(cfg)
+    check_config(cfg)
     (container,) = coordinator_jobs()[0]["spec"]["template"]["spec"]["containers"]
     mounts = {m["mountPath"] for m in container["volumeMounts"]}
     assert str(Path(cfg.model.tokenizer).parent) in mounts, "the coordinator reads the tokenizer"

@@ -18,30 +18,19 @@ import torch
 from _federation_helpers import FakeTracker, config
 
 from fedmusk.client.audit import AuditLog, tensor_record
-from fedmusk.client.site_client import (
-    AdapterLayout,
-    SiteAddress,
-    SiteClient,
-    phase_round,
-    round_seed,
-    secure_weight,
-    secure_weight_cap,
-)
-from fedmusk.config import ConfigError, load_config
+from fedmusk.client.site_client import SiteAddress, SiteClient, secure_weight, secure_weight_cap
+from fedmusk.config import ConfigError
 from fedmusk.data.synth.cohort import synthesize_cohort
 from fedmusk.musk_model.lora import adapter_state as full_adapter_state
 from fedmusk.musk_model.lora import read_adapter_file
 from fedmusk.server.checkpoint import load_round
-from fedmusk.server.rounds import (
-    RoundController,
-    RoundFailed,
-    check_federation_config,
-    initial_adapter_state,
-    weighted_site_mean,
-)
+from fedmusk.server.rounds import RoundController, RoundFailed
 from fedmusk.strategies.aggregation import lora_products, weighted_mean
+from fedmusk.training.global_adapter import initial_adapter_state
+from fedmusk.wire import AdapterLayout, phase_round
 
 pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def tracked(tmp_path_factory):

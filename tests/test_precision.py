@@ -6,11 +6,11 @@ import logging
 import pytest
 import torch
 
-from fedmusk.config import ConfigError, load_config
+from fedmusk.config import ConfigError, learnable_experts, load_config
 from fedmusk.musk_model import MuskConfig, MuskModel
 from fedmusk.precision import autocast, bf16_native, resolve_precision
 from fedmusk.runtime import load_model, load_tokenizer, model_precision
-from fedmusk.training.outcome import OutcomeTrainer, learnable_experts
+from fedmusk.training.outcome import OutcomeTrainer
 
 
 def test_auto_precision_is_bf16_only_where_the_hardware_has_it():
@@ -18,8 +18,11 @@ def test_auto_precision_is_bf16_only_where_the_hardware_has_it():
     assert resolve_precision("bfloat16", "cpu") == "bfloat16"
     assert resolve_precision("auto", "cpu") == ("bfloat16" if bf16_native("cpu") else "float32")
     assert resolve_precision("auto", "meta") == "float32"
+    assert model_precision(load_config([], ["model.precision=bfloat16"]).model, "cpu") == "bfloat16"
+    with pytest.raises(ConfigError, match=r"'model.precision': Invalid value 'half', expected one of \[auto, float32"):
+        load_config([], ["model.precision=half"])  # a choice of the schema: refused at load
     with pytest.raises(ConfigError, match="model.precision='half'"):
-        model_precision(load_config([], ["model.precision=half"]).model, "cpu")
+        resolve_precision("half", "cpu")
 
 
 def test_bf16_cls_features_of_the_tiny_model_stay_within_cosine_0999_of_float32():

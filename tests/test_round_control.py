@@ -7,9 +7,11 @@ import pytest
 import torch
 from _federation_helpers import FakeTracker, config
 
-from fedmusk.client.site_client import AdapterLayout, round_seed
-from fedmusk.config import ConfigError
-from fedmusk.server.rounds import RoundController, RoundFailed, check_federation_config, weighted_site_mean
+from fedmusk.client.site_client import round_seed
+from fedmusk.config import ConfigError, check_config
+from fedmusk.server.records import weighted_site_mean
+from fedmusk.server.rounds import RoundController, RoundFailed
+from fedmusk.wire import AdapterLayout
 
 pytestmark = pytest.mark.slow
 
@@ -69,7 +71,7 @@ def test_federation_settings_that_cannot_work_are_refused_before_any_round():
         (["federation.min_replies=4"], "min_replies"),
     ]:
         with pytest.raises(ConfigError, match=message):
-            check_federation_config(config(*overrides))
+            check_config(config(*overrides))  # load_config runs it: the refusal comes at load
 
 
 def test_site_randomness_and_wire_layout_are_fixed_by_the_configuration():

@@ -8,12 +8,14 @@ import sys
 import pytest
 import torch
 
-from fedmusk.config import FedMuskConfig
+from fedmusk.config import ConfigError, FedMuskConfig
 from fedmusk.server.checkpoint import (
+    CHECKPOINT_DIR,
     CheckpointError,
     list_rounds,
     load_latest,
     load_round,
+    resume_point,
     round_dir,
     save_round,
 )
@@ -241,3 +243,15 @@ def test_checkpoint_refuses_values_that_are_not_json_by_key(tmp_path):
     manifest = json.dumps({"ok": 1})  # JSON values pass through unchanged
     save_round(tmp_path, 1, adapter(1), extra={"m": manifest})
     assert load_round(tmp_path, 1).extra == {"m": manifest}
+
+
+def test_a_federation_resumes_only_from_a_completed_round_and_never_overwrites_one(tmp_path):
+    assert resume_point(tmp_path, resume=False) is None  # a fresh start in an empty folder
+    with pytest.raises(ConfigError, match="nothing to resume: .* holds no completed round"):
+        resume_point(tmp_path, resume=True)
+    save_round(tmp_path / CHECKPOINT_DIR, 2, adapter(2))
+    assert resume_point(tmp_path, resume=True, total_rounds=3).round == 2
+    with pytest.raises(ConfigError, match="already completed all 2 rounds"):
+        resume_point(tmp_path, resume=True, total_rounds=2)
+    with pytest.raises(ConfigError, match="already holds a federation's checkpoints"):
+        resume_point(tmp_path, resume=False)

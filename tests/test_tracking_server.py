@@ -54,7 +54,7 @@ def test_a_study_on_an_mlflow_server_nests_arms_and_serves_the_registered_model(
     import pandas as pd
     from mlflow.tracking import MlflowClient
 
-    from fedmusk.server.rounds import initial_adapter_state, save_global_adapter
+    from fedmusk.training.global_adapter import initial_adapter_state, save_global_adapter
     from fedmusk.tracking import Tracker
     from fedmusk.tracking_model import register_model
     from fedmusk.training.bundle import Lineage

@@ -2,7 +2,8 @@
 
 Every YAML file in configs/ and every ``key=value`` override is checked against ``FedMuskConfig``: an unknown key or a
 value of the wrong type is an error that names the key and where it came from. Resolve once with ``load_config`` and
-pass the typed sections down.
+pass the typed sections down. Rules that tie several keys together (``check_config``) run once, after the last
+layer is merged; ``check_resume_compatible`` compares a checkpointed run's configuration with a new one.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -27,57 +28,16 @@ class ConfigError(ValueError):
 # StrEnums whose names are their values, so they compare, print and serialise as the plain strings.
 
 
-class Preset(StrEnum):
-    large = "large"
-    tiny = "tiny"
-
-
-class Task(StrEnum):
-    survival = "survival"
-    response = "response"
-    pretrain = "pretrain"
-
-
-class Features(StrEnum):
-    cached = "cached"
-    end2end = "end2end"
-
-
-class Fusion(StrEnum):
-    concat = "concat"
-    gated = "gated"
-    image = "image"
-    report = "report"
-
-
-class SurvivalLoss(StrEnum):
-    nll = "nll"
-    cox = "cox"
-
-
-class MimTarget(StrEnum):
-    teacher = "teacher"
-    codes = "codes"
-
-
-class Strategy(StrEnum):
-    fedit = "fedit"
-    ffa = "ffa"
-    fedsa = "fedsa"
-    rolora = "rolora"
-
-
-class ServerOptimizer(StrEnum):
-    fedavg = "fedavg"
-    fedavgm = "fedavgm"
-    fedadam = "fedadam"
-    fedyogi = "fedyogi"
-
-
-class Robust(StrEnum):
-    none = "none"
-    median = "median"
-    trimmed_mean = "trimmed_mean"
+Preset = StrEnum("Preset", ["large", "tiny"])
+Task = StrEnum("Task", ["survival", "response", "pretrain"])
+Features = StrEnum("Features", ["cached", "end2end"])
+Fusion = StrEnum("Fusion", ["concat", "gated", "image", "report"])
+SurvivalLoss = StrEnum("SurvivalLoss", ["nll", "cox"])
+MimTarget = StrEnum("MimTarget", ["teacher", "codes"])
+Strategy = StrEnum("Strategy", ["fedit", "ffa", "fedsa", "rolora"])
+ServerOptimizer = StrEnum("ServerOptimizer", ["fedavg", "fedavgm", "fedadam", "fedyogi"])
+Robust = StrEnum("Robust", ["none", "median", "trimmed_mean"])
+Precision = StrEnum("Precision", ["auto", "float32", "bfloat16"])
 
 
 @dataclass
@@ -88,7 +48,7 @@ class ModelConfig:
     img_size: int | None = None  # None: the preset's size
     max_text_len: int = 100
     ms_aug: bool = False  # multi-scale (1x + 2x) tile features for MIL
-    precision: str = "auto"  # "auto" (bf16 where the hardware has it), "float32" or "bfloat16"; see precision.py
+    precision: Precision = Precision.auto  # "auto" (bf16 where the hardware has it), "float32" or "bfloat16"
 
 
 @dataclass
@@ -231,7 +191,7 @@ def load_config(
             raise ConfigError(f"override {item!r} is not of the form key=value")
         merged = _merge(merged, OmegaConf.from_dotlist([item]), f"override {item!r}")
         _check_values(merged, f"override {item!r}")
-    return _typed(merged)
+    return _checked(_typed(merged))
 
 
 def config_from_mapping(raw: Mapping[str, Any], source: str, schema: type = FedMuskConfig) -> Any:
@@ -242,7 +202,13 @@ def config_from_mapping(raw: Mapping[str, Any], source: str, schema: type = FedM
         raise ConfigError(f"{source}: not a configuration ({_first_line(err)})") from None
     merged = _merge(OmegaConf.structured(schema), layer, source)
     _check_values(merged, source)
-    return _typed(merged)
+    return _checked(_typed(merged))
+
+
+def _checked(cfg: Any) -> Any:
+    if isinstance(cfg, FedMuskConfig):  # other schemas (a site policy) have no cross-field rules here
+        check_config(cfg)
+    return cfg
 
 
 def _typed(merged) -> Any:
@@ -270,8 +236,8 @@ def _open_share(v) -> bool:  # a fraction in (0, 1)
 
 _POSITIVE, _NON_NEGATIVE = ("a positive number", _positive), ("0 or more", _non_negative)
 _SHARE, _OPEN_SHARE = ("a share in [0, 1)", _share), ("a share in (0, 1)", _open_share)
-# Values that cannot work, refused at load with the key and the file or override that set them. Cross-field rules
-# that need the whole federation (SecAgg+ shares, DP, robust rules) stay in server.rounds.check_federation_config.
+# Values that cannot work, refused at load with the key and the file or override that set them. Rules that tie
+# several keys together (SecAgg+ shares, DP, robust rules, LoRA experts) are ``check_config``'s.
 VALUE_RULES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "model.max_text_len": _POSITIVE,
     "model.img_size": ("a positive number (or null: the preset's size)", lambda v: v is None or v > 0),
@@ -331,6 +297,121 @@ def _check_values(merged, source: str) -> None:
     ):
         raise ConfigError(f"{source}: train.val_fraction + train.test_fraction must stay below 1 (cases must be left "
                           "for training)")  # fmt: skip
+
+
+# --- rules that tie keys together, checked once per loaded configuration -----------------------------------------
+
+SECAGG_MODULUS = 2**32  # SecAgg+'s integer sum wraps around this (Flower's modulus_range)
+
+
+def check_config(cfg: FedMuskConfig) -> None:
+    """Refuse settings that cannot work together: the federation's (before any site is contacted), the LoRA
+    experts the outcome model can train, the pretraining objectives. ConfigError names the key. (A value outside
+    its Enum or its VALUE_RULES range is refused earlier, while the layers merge.)"""
+    fed, t = cfg.federation, cfg.train
+
+    def bad(key: str, why: str) -> ConfigError:
+        return ConfigError(f"federation.{key}: {why}")
+
+    if fed.strategy == "ffa" and not t.lora.ffa:
+        raise ConfigError("federation.strategy=ffa needs train.lora.ffa=true (A frozen at the shared seed)")
+    if fed.strategy == "rolora" and t.lora.ffa:
+        raise ConfigError("federation.strategy=rolora trains A in every other round: set train.lora.ffa=false")
+    if fed.pretrain_rounds and t.task == Task.pretrain:
+        raise ConfigError(
+            "federation.pretrain_rounds: train.task=pretrain has no outcome phase; set a survival or response task"
+        )
+    if not 0 < fed.fraction <= 1:
+        raise bad("fraction", f"{fed.fraction}; use a share in (0, 1]")
+    if fed.min_replies < 1 or fed.min_sites < fed.min_replies:
+        raise bad("min_replies", f"need 1 <= min_replies <= min_sites, got {fed.min_replies}, {fed.min_sites}")
+    if fed.wait_for_sites_s <= 0 or fed.reply_timeout_s <= 0:
+        raise bad("wait_for_sites_s", "wait_for_sites_s and reply_timeout_s must be positive: never wait forever")
+    if fed.robust != "none" and fed.secure_aggregation:
+        raise bad("robust", "robust rules need every site's update, which SecAgg+ hides; set secure_aggregation=false")
+    if fed.dp_noise_multiplier < 0 or fed.dp_clip < 0:
+        raise bad("dp_noise_multiplier", "dp_noise_multiplier and dp_clip must be >= 0")
+    if fed.dp_noise_multiplier > 0 and fed.dp_clip <= 0:
+        raise bad("dp_clip", "DP noise needs a clipping norm (dp_clip > 0): noise is calibrated to it")
+    if fed.dp_noise_multiplier > 0 and fed.robust != "none":
+        raise bad("robust", "robust rules and DP noise cannot be combined (the DP sum is not robust)")
+    if fed.secure_aggregation:
+        if fed.secagg_num_shares < 3 or fed.secagg_num_shares % 2 == 0:
+            raise bad("secagg_num_shares", f"{fed.secagg_num_shares}; SecAgg+ needs an odd number >= 3")
+        if not 2 <= fed.secagg_reconstruction_threshold < fed.secagg_num_shares:
+            raise bad("secagg_reconstruction_threshold", "must be >= 2 and below secagg_num_shares")
+        if fed.min_sites < 2:
+            raise bad("min_sites", "SecAgg+ needs at least 2 sites in a round")
+        if fed.secagg_clipping_range <= 0 or fed.secagg_quantization_range <= 0:
+            raise bad("secagg_quantization_range", "clipping_range, quantization_range and n_clients must be positive")
+        if fed.min_sites * fed.secagg_quantization_range >= SECAGG_MODULUS:  # the integer sum would wrap around
+            raise bad("secagg_quantization_range", f"{fed.min_sites} sites x quantization_range "
+                      f"{fed.secagg_quantization_range} overflows modulus_range {SECAGG_MODULUS}")  # fmt: skip
+    experts, dropped = learnable_experts(cfg)
+    if t.task != Task.pretrain and not experts:
+        reasons = "; ".join(dropped.values())
+        raise ConfigError(
+            f"train.lora.experts={list(t.lora.experts)}: no LoRA expert can learn ({reasons}); "
+            "use train.features=end2end or a fusion that reads the report"
+        )
+    p = t.pretrain
+    if (t.task == Task.pretrain or fed.pretrain_rounds) and not (p.mlm_weight or p.mim_weight or p.clip_weight):
+        raise ConfigError("train.pretrain: every objective has weight 0; nothing to train")
+
+
+def learnable_experts(cfg: FedMuskConfig) -> tuple[tuple[str, ...], dict[str, str]]:
+    """Which configured LoRA experts can receive a gradient in the outcome task, and why the others cannot.
+
+    The vision expert (A) sees tiles only in end-to-end training: cached features come from the frozen base model,
+    and ``fusion=report`` reads no tiles. The language expert (B) sees the report unless ``fusion=image``.
+    Returns ``(experts, {expert: reason})``; LoRA on the others would be trained and exchanged for nothing.
+    """
+    t = cfg.train
+    why_not: dict[str, str] = {}
+    if t.fusion == "report":
+        why_not["A"] = "train.fusion=report reads no tiles"
+    elif t.features == "cached":
+        why_not["A"] = "train.features=cached: tile features come from the frozen base model"
+    if t.fusion == "image":
+        why_not["B"] = "train.fusion=image reads no report"
+    configured = tuple(dict.fromkeys(t.lora.experts))
+    return tuple(e for e in configured if e not in why_not), {e: why_not[e] for e in configured if e in why_not}
+
+
+def check_model_config(cfg: ModelConfig) -> None:
+    """Refuse, before any work starts, a model configuration that cannot load: a large model needs the release's
+    checkpoint and tokenizer files (a random MUSK-large is never what a hospital wants). Not part of
+    ``check_config``: the files are a site's own settings, filled in after the coordinator's configuration is read."""
+    if cfg.preset == "tiny":
+        return
+    if cfg.weights is None:
+        raise ConfigError(
+            f"model.preset={cfg.preset} needs the released checkpoint: set model.weights to model.safetensors"
+        )
+    if cfg.tokenizer is None:
+        raise ConfigError(f"model.preset={cfg.preset} needs the release tokenizer: set model.tokenizer")
+
+
+# Sections that must not change when a federation resumes (rounds, waits and tracking may).
+_FIXED_ON_RESUME = ("seed", "model", "data", "train")
+_FIXED_FEDERATION_KEYS = (
+    "strategy", "local_epochs", "pretrain_rounds", "secure_aggregation", "server_optimizer", "server_lr",
+    "proximal_mu", "robust", "trim_fraction", "dp_noise_multiplier", "dp_clip",
+)  # fmt: skip
+
+
+def check_resume_compatible(saved: FedMuskConfig, cfg: FedMuskConfig) -> None:
+    """ConfigError listing the settings that differ from the checkpointed run's and would change its results."""
+    changed = [s for s in _FIXED_ON_RESUME if _plain(getattr(saved, s)) != _plain(getattr(cfg, s))]
+    changed += [
+        f"federation.{k}" for k in _FIXED_FEDERATION_KEYS if getattr(saved.federation, k) != getattr(cfg.federation, k)
+    ]
+    if changed:
+        raise ConfigError(f"cannot resume: these settings differ from the checkpointed run: {', '.join(changed)}")
+
+
+def _plain(value: Any) -> Any:
+    return asdict(value) if hasattr(value, "__dataclass_fields__") else value
 
 
 def _merge(base, layer, source: str):

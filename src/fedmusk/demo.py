@@ -13,9 +13,9 @@ from PIL import Image, UnidentifiedImageError
 from rich.console import Console
 from rich.table import Table
 
-from fedmusk.config import FedMuskConfig, to_yaml
+from fedmusk.config import FedMuskConfig, check_model_config, to_yaml
 from fedmusk.musk_model.zeroshot import image_text_similarity
-from fedmusk.runtime import check_model_config, load_model, load_tokenizer, resolve_device, seed_everything
+from fedmusk.runtime import load_model, load_tokenizer, resolve_device, seed_everything
 
 
 def read_image(path: Path) -> Image.Image:

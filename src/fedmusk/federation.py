@@ -25,21 +25,20 @@ from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from fedmusk.client.site_client import (  # noqa: E402
+from fedmusk.client.site_client import SiteClient, site_address  # noqa: E402
+from fedmusk.config import ConfigError, FedMuskConfig  # noqa: E402
+from fedmusk.server.checkpoint import CHECKPOINT_DIR, load_latest, resume_point  # noqa: E402
+from fedmusk.site_settings import site_local_settings  # noqa: E402
+from fedmusk.server.rounds import ROUNDS_FILE  # noqa: E402
+from fedmusk.strategies.aggregation import secure_sum_error_bound  # noqa: E402
+from fedmusk.wire import (  # noqa: E402
     NODE_PARTITION,
     RUN_OUT_DIR,
     RUN_RESUME,
     RUN_SITE_ROOTS,
     RUN_SITE_SETTINGS,
-    SiteClient,
-    site_address,
     wire_run_config,
 )
-from fedmusk.config import ConfigError, FedMuskConfig  # noqa: E402
-from fedmusk.server.checkpoint import list_rounds, load_latest  # noqa: E402
-from fedmusk.site_settings import site_local_settings  # noqa: E402
-from fedmusk.server.rounds import CHECKPOINT_DIR, ROUNDS_FILE, check_federation_config  # noqa: E402
-from fedmusk.strategies.aggregation import secure_sum_error_bound  # noqa: E402
 
 SUMMARY_FILE = "summary.json"
 FLOWER_LOG = "flower.log"
@@ -124,12 +123,7 @@ def run_simulation_from_config(
     out = Path(out_dir).resolve()
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file, not a folder; choose a folder for the federation's results")
-    check_federation_config(cfg)
-    has_checkpoints = bool(list_rounds(out / CHECKPOINT_DIR))
-    if has_checkpoints and not resume:
-        raise ConfigError(f"{out} already holds a federation's checkpoints: resume it or choose another folder")
-    if resume and not has_checkpoints:
-        raise ConfigError(f"cannot resume: {out / CHECKPOINT_DIR} holds no complete checkpoint")
+    resume_point(out, resume)
     out.mkdir(parents=True, exist_ok=True)
     run_config = {
         **wire_run_config(cfg), RUN_SITE_SETTINGS: json.dumps(site_local_settings(cfg)),

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import torch
 
-from fedmusk.config import ConfigError
+from fedmusk.config import ConfigError, Precision
 
-PRECISIONS = ("auto", "float32", "bfloat16")
 FLOAT32, BFLOAT16 = "float32", "bfloat16"
 
 
@@ -46,11 +45,11 @@ def resolve_precision(name: str, device: torch.device | str) -> str:
 
     Raises ConfigError naming the setting for an unknown name.
     """
-    if name not in PRECISIONS:
-        raise ConfigError(f"model.precision={name!r}: choose one of {list(PRECISIONS)}")
-    if name == "auto":
+    if name not in list(Precision):
+        raise ConfigError(f"model.precision={name!r}: choose one of {[str(p) for p in Precision]}")
+    if name == Precision.auto:
         return BFLOAT16 if bf16_native(device) else FLOAT32
-    return name
+    return str(name)
 
 
 def autocast(device: torch.device | str, precision: str) -> AbstractContextManager:

@@ -7,7 +7,7 @@ import random
 import numpy as np
 import torch
 
-from fedmusk.config import ConfigError, ModelConfig
+from fedmusk.config import ConfigError, ModelConfig, check_model_config
 from fedmusk.musk_model import MuskModel, create_model
 from fedmusk.musk_model.tokenizer import MuskTokenizer, tiny_tokenizer
 
@@ -33,19 +33,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def check_model_config(cfg: ModelConfig) -> None:
-    """Refuse, before any work starts, a model configuration that cannot load: a large model needs the release's
-    checkpoint and tokenizer files (a random MUSK-large is never what a hospital wants)."""
-    if cfg.preset == "tiny":
-        return
-    if cfg.weights is None:
-        raise ConfigError(
-            f"model.preset={cfg.preset} needs the released checkpoint: set model.weights to model.safetensors"
-        )
-    if cfg.tokenizer is None:
-        raise ConfigError(f"model.preset={cfg.preset} needs the release tokenizer: set model.tokenizer")
 
 
 def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", seed: int = 0) -> MuskModel:

@@ -22,8 +22,9 @@ from flwr.client import Client, NumPyClient
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 
-from fedmusk.client.site_client import RUN_CONFIG, SiteClient, config_from_run_config, site_address, site_config
+from fedmusk.client.site_client import SiteClient, site_address, site_config
 from fedmusk.secagg_wire import pack_masked_vector
+from fedmusk.wire import RUN_CONFIG, config_from_run_config
 
 
 class SiteError(RuntimeError):

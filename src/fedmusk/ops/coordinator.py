@@ -32,10 +32,9 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fedmusk.client.site_client import wire_run_config
 from fedmusk.config import ConfigError, FedMuskConfig, load_config
-from fedmusk.server.checkpoint import load_latest
-from fedmusk.server.rounds import CHECKPOINT_DIR, ROUNDS_FILE, RoundFailed, check_federation_config
+from fedmusk.server.checkpoint import CHECKPOINT_DIR, load_latest, resume_point
+from fedmusk.server.rounds import ROUNDS_FILE, RoundFailed
 from fedmusk.ops.superlink import (
     CONNECTION,
     INTERNAL_HOST,
@@ -59,6 +58,7 @@ from fedmusk.ops.supervise import (
     write_pid_file,
     write_private,
 )
+from fedmusk.wire import wire_run_config
 
 STATUS_POLL_S = 10.0  # seconds between `flwr list` checks of the run's status while rounds remain
 
@@ -87,13 +87,12 @@ def run_coordinator(settings: CoordinatorSettings, console: Console) -> dict[str
 
     Raises CoordinatorError / ConfigError / CertError for what the operator must fix, RoundFailed when the
     federation itself failed (too few sites, a halted round), KeyboardInterrupt when stopped (SIGINT or SIGTERM)."""
-    cfg = load_config(settings.config_files, settings.overrides)
-    check_federation_config(cfg)
+    cfg = load_config(settings.config_files, settings.overrides)  # check_config refuses what cannot work together
     if settings.superlink_port is not None and settings.superlink_port == settings.port:
         raise CoordinatorError(f"--superlink-port and --port are both {settings.port}: give the SuperLink another port")
     tls = _check_security(settings, console)
     out_dir = settings.out_dir
-    _check_out_dir(out_dir, settings.resume, cfg.federation.pretrain_rounds + cfg.federation.rounds)
+    resume_point(out_dir, settings.resume, cfg.federation.pretrain_rounds + cfg.federation.rounds)
 
     # Files the coordinator, the SuperLink, the ServerApp and the proxy create are its user's alone: the database
     # (site keys, run records), checkpoints, rounds.json, the MLflow store, logs.
@@ -188,23 +187,6 @@ def _check_security(settings: CoordinatorSettings, console: Console) -> dict[str
             f"no site is registered in {settings.certs / 'sites'}: run `fedmusk certs add-site` for each hospital"
         )
     return {"paths": paths, "sites": sites}
-
-
-def _check_out_dir(out_dir: Path, resume: bool, total_rounds: int) -> None:
-    checkpoints = out_dir / CHECKPOINT_DIR
-    if resume:
-        latest = load_latest(checkpoints)
-        if latest is None:
-            raise CoordinatorError(f"nothing to resume: {out_dir} holds no completed round (start without --resume)")
-        if latest.round >= total_rounds:
-            raise CoordinatorError(
-                f"nothing to resume: the federation in {out_dir} already completed all {total_rounds} rounds "
-                "(raise federation.rounds to continue training it)"
-            )
-    if not resume and checkpoints.is_dir() and any(checkpoints.iterdir()):
-        raise CoordinatorError(
-            f"{out_dir} already holds a federation's checkpoints: continue it with --resume or choose another --out"
-        )
 
 
 def _private_folder(folder: Path, console: Console) -> None:

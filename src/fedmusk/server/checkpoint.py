@@ -30,6 +30,9 @@ from typing import Any
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from fedmusk.config import ConfigError
+
+CHECKPOINT_DIR = "checkpoints"  # the round checkpoints' folder inside a federation's output folder
 FORMAT_VERSION = 1
 MANIFEST = "checkpoint.json"
 GLOBAL_FILE = "global_state.safetensors"
@@ -171,6 +174,28 @@ def load_latest(ckpt_dir: str | os.PathLike) -> RoundCheckpoint | None:
         except CheckpointError as err:
             warnings.warn(f"skipping checkpoint: {err}", stacklevel=2)
     return None
+
+
+def resume_point(out_dir: str | os.PathLike, resume: bool, total_rounds: int | None = None) -> RoundCheckpoint | None:
+    """Whether the federation in ``out_dir`` can start as asked, and where: the newest intact checkpoint for a
+    resume, None for a fresh start. Raises ConfigError for a resume with nothing to resume (no completed round; or,
+    with ``total_rounds``, every round already done) and for a fresh start in a folder that already holds
+    checkpoints (never overwritten)."""
+    checkpoints = Path(out_dir) / CHECKPOINT_DIR
+    if not resume:
+        if checkpoints.is_dir() and any(checkpoints.iterdir()):
+            raise ConfigError(f"{out_dir} already holds a federation's checkpoints: continue it with --resume or "
+                              "choose another --out")  # fmt: skip
+        return None
+    latest = load_latest(checkpoints)
+    if latest is None:
+        raise ConfigError(f"nothing to resume: {out_dir} holds no completed round (start without --resume)")
+    if total_rounds is not None and latest.round >= total_rounds:
+        raise ConfigError(
+            f"nothing to resume: the federation in {out_dir} already completed all {total_rounds} rounds "
+            "(raise federation.rounds to continue training it)"
+        )
+    return latest
 
 
 # --- encoding ----------------------------------------------------------------------------------------------------

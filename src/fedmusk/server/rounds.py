@@ -20,248 +20,40 @@ LoRA tensors are carried into it (``carry_lora``); the server optimiser starts a
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import random
-import re
 import secrets
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fedmusk.client.site_client import (
-    OUTCOME,
-    PRETRAIN,
-    AdapterLayout,
-    config_from_yaml,
-    phase_round,
-    round_phase,
-    round_roles,
-)
-from fedmusk.config import ConfigError, FedMuskConfig, to_yaml
-from fedmusk.server.checkpoint import list_rounds, load_latest, save_round
+from fedmusk.config import ConfigError, FedMuskConfig, check_resume_compatible, to_yaml
+from fedmusk.server.checkpoint import CHECKPOINT_DIR, resume_point, save_round
+from fedmusk.server.records import ROUND_LOG, RoundRecord, round_line, weighted_site_mean
 from fedmusk.strategies.aggregation import (
     SECURE_SUM_WEIGHT_KEY,
     SHARED_ROLES,
     StateDict,
     aggregate,
     finish_secure_sum,
-    secure_sum_error_bound,
     tensor_role,
 )
 from fedmusk.strategies.privacy import RdpAccountant, add_gaussian_noise
 from fedmusk.strategies.robust import coordinate_median, trimmed_mean
 from fedmusk.strategies.server_opt import build_server_optimizer
+from fedmusk.training.global_adapter import initial_adapter_state, outcome_start_state
+from fedmusk.wire import OUTCOME, PRETRAIN, AdapterLayout, config_from_yaml, phase_round, round_phase, round_roles
 
-CHECKPOINT_DIR = "checkpoints"
 ROUNDS_FILE = "rounds.json"
-ROBUST_RULES = ("none", "median", "trimmed_mean")
 
 
 class RoundFailed(RuntimeError):
     """A round that could not produce a new global adapter; the message says which round and why."""
-
-
-# --- configuration checks and the initial adapter --------------------------------------------------------------
-
-
-def check_federation_config(cfg: FedMuskConfig) -> None:
-    """Refuse settings that cannot work together, before any site is contacted. Raises ConfigError naming the key."""
-    fed = cfg.federation
-
-    def bad(key: str, why: str) -> ConfigError:
-        return ConfigError(f"federation.{key}: {why}")
-
-    if fed.strategy not in SHARED_ROLES:
-        raise bad("strategy", f"{fed.strategy!r}; choose one of {sorted(SHARED_ROLES)}")
-    if fed.strategy == "ffa" and not cfg.train.lora.ffa:
-        raise ConfigError("federation.strategy=ffa needs train.lora.ffa=true (A frozen at the shared seed)")
-    if fed.strategy == "rolora" and cfg.train.lora.ffa:
-        raise ConfigError("federation.strategy=rolora trains A in every other round: set train.lora.ffa=false")
-    if fed.rounds < 1 or fed.local_epochs < 1:
-        raise bad("rounds", f"rounds and local_epochs must be >= 1, got {fed.rounds}, {fed.local_epochs}")
-    if fed.pretrain_rounds < 0:
-        raise bad("pretrain_rounds", f"{fed.pretrain_rounds}; use 0 (no pretraining phase) or more rounds")
-    if fed.pretrain_rounds and cfg.train.task == PRETRAIN:
-        raise ConfigError(
-            "federation.pretrain_rounds: train.task=pretrain has no outcome phase; set a survival or response task"
-        )
-    if fed.pretrain_rounds:
-        from fedmusk.training.pretrain import enabled_objectives
-
-        enabled_objectives(cfg)  # ConfigError names a bad train.pretrain objective setup
-    if not 0 < fed.fraction <= 1:
-        raise bad("fraction", f"{fed.fraction}; use a share in (0, 1]")
-    if fed.min_replies < 1 or fed.min_sites < fed.min_replies:
-        raise bad("min_replies", f"need 1 <= min_replies <= min_sites, got {fed.min_replies}, {fed.min_sites}")
-    if fed.wait_for_sites_s <= 0 or fed.reply_timeout_s <= 0:
-        raise bad("wait_for_sites_s", "wait_for_sites_s and reply_timeout_s must be positive: never wait forever")
-    if fed.robust not in ROBUST_RULES:
-        raise bad("robust", f"{fed.robust!r}; choose one of {list(ROBUST_RULES)}")
-    if fed.robust != "none" and fed.secure_aggregation:
-        raise bad("robust", "robust rules need every site's update, which SecAgg+ hides; set secure_aggregation=false")
-    if fed.dp_noise_multiplier < 0 or fed.dp_clip < 0:
-        raise bad("dp_noise_multiplier", "dp_noise_multiplier and dp_clip must be >= 0")
-    if fed.dp_noise_multiplier > 0 and fed.dp_clip <= 0:
-        raise bad("dp_clip", "DP noise needs a clipping norm (dp_clip > 0): noise is calibrated to it")
-    if fed.dp_noise_multiplier > 0 and fed.robust != "none":
-        raise bad("robust", "robust rules and DP noise cannot be combined (the DP sum is not robust)")
-    if fed.secure_aggregation:
-        if fed.secagg_num_shares < 3 or fed.secagg_num_shares % 2 == 0:
-            raise bad("secagg_num_shares", f"{fed.secagg_num_shares}; SecAgg+ needs an odd number >= 3")
-        if not 2 <= fed.secagg_reconstruction_threshold < fed.secagg_num_shares:
-            raise bad("secagg_reconstruction_threshold", "must be >= 2 and below secagg_num_shares")
-        if fed.min_sites < 2:
-            raise bad("min_sites", "SecAgg+ needs at least 2 sites in a round")
-        # raises ValueError when the integer sum would wrap around the modulus
-        try:
-            secure_sum_error_bound(fed.secagg_clipping_range, fed.secagg_quantization_range, fed.min_sites)
-        except ValueError as err:
-            raise bad("secagg_quantization_range", str(err)) from None
-    build_server_optimizer(fed.server_optimizer, eta=fed.server_lr)  # ValueError names a bad optimiser
-
-
-def adapter_trainer(cfg: FedMuskConfig):
-    """An OutcomeTrainer built from the configuration alone (no site data): the model that holds the adapter.
-
-    Base weights never enter the adapter, so the base is built without them (randomly, seeded).
-    """
-    from fedmusk.musk_model import create_model
-    from fedmusk.runtime import load_tokenizer, seed_everything
-    from fedmusk.training.outcome import OutcomeTrainer
-
-    seed_everything(cfg.seed)
-    changes = {"img_size": cfg.model.img_size} if cfg.model.img_size else {}
-    base = create_model(cfg.model.preset, weights=None, device="cpu", **changes)
-    return OutcomeTrainer(cfg, base, load_tokenizer(cfg.model), None, "cpu")  # heads sized from the config
-
-
-def initial_adapter_state(cfg: FedMuskConfig, phase: str = OUTCOME) -> StateDict:
-    """The adapter every site starts ``phase`` from, built from the configuration alone (the coordinator has no
-    data): the outcome adapter, or for ``phase="pretrain"`` LoRA with the pretraining heads.
-
-    LoRA A factors are seeded by layer name and B starts at zero, so they equal the sites' own; the heads are
-    whatever this seeded build gives, and the phase's first round sends them to every site.
-    """
-    if phase == PRETRAIN:
-        from fedmusk.training.pretrain import pretrain_adapter_state
-
-        return pretrain_adapter_state(cfg)
-    return adapter_trainer(cfg).adapter_state()
-
-
-def outcome_start_state(cfg: FedMuskConfig, pretrained: StateDict) -> StateDict:
-    """The outcome phase's starting adapter after pretraining: the seeded outcome adapter with the pretrained
-    global LoRA tensors in place of its own (AdapterStateError when the LoRA layouts differ)."""
-    from fedmusk.training.pretrain import carry_lora
-
-    return carry_lora(pretrained, initial_adapter_state(cfg, OUTCOME))
-
-
-def save_global_adapter(
-    cfg: FedMuskConfig, global_state: StateDict, out_dir: str | os.PathLike, lineage=None
-) -> Path:
-    """Write ``global_state`` in peft's format (``fedmusk.musk_model.lora.save_adapter``) with the model's
-    configuration, fingerprints and model card (``fedmusk.training.bundle``), and return the folder.
-
-    Under FedSA this is the shared part (A factors) with the initial B and heads: each site's personalised B and
-    heads stay at the site."""
-    from fedmusk.musk_model.lora import save_adapter
-    from fedmusk.training.bundle import Lineage, reference_base_and_tokenizer, save_bundle
-
-    trainer = adapter_trainer(cfg)
-    trainer.load_adapter_state(global_state)
-    out = save_adapter(trainer.model, out_dir)
-    base, tokenizer = reference_base_and_tokenizer(cfg)
-    return save_bundle(out, cfg, lineage or Lineage(arm="federated"), base, tokenizer)
-
-
-# --- one round's record ----------------------------------------------------------------------------------------
-
-
-@dataclass
-class RoundRecord:
-    """What happened in one round (``rounds.json`` holds one per round, and the checkpoint carries them)."""
-
-    round: int
-    phase: str = OUTCOME  # "pretrain": the metrics are objective losses (val_loss, val_mlm, ...), not C-index
-    sampled: int = 0
-    replies: int = 0
-    failures: list[str] = field(default_factory=list)
-    train_loss: dict[str, float] = field(default_factory=dict)  # per site
-    per_site: dict[str, dict[str, float]] = field(default_factory=dict)  # evaluation metrics per site
-    aggregated: dict[str, float] = field(default_factory=dict)  # evaluation metrics, case-weighted over sites
-    eval_failures: list[str] = field(default_factory=list)
-    update_norm: float = 0.0  # L2 norm of the aggregated update (before the server optimiser)
-    dp_epsilon: float | None = None
-    bytes_up: int = 0
-    bytes_down: int = 0
-    bytes_up_per_client: float = 0.0
-    seconds: float = 0.0
-
-
-COUNT_METRICS = ("n", "n_events", "n_positive")  # summed over sites; the other metrics are averaged
-# One INFO line per finished round (``round_line``); simulations and the demo print it, nothing else does by default.
-ROUND_LOG = logging.getLogger("fedmusk.rounds")
-
-
-def round_line(record: RoundRecord, total_rounds: int) -> str:
-    """One line per round for a console: phase, replies, the validation metric, traffic and time."""
-    agg = record.aggregated
-    if record.phase == PRETRAIN:
-        metric = f"val loss {agg['val_loss']:.3f}" if "val_loss" in agg else "val n/a"
-    elif "val_c_index" in agg:
-        metric = f"val C-index {agg['val_c_index']:.3f}"
-    elif "val_auc" in agg:
-        metric = f"val AUROC {agg['val_auc']:.3f}"
-    else:
-        metric = "val n/a"
-    return (
-        f"round {record.round}/{total_rounds} {record.phase}: {record.replies}/{record.sampled} replies, {metric} "
-        f"(site mean), {record.bytes_up / 1e6:.2f} MB up, {record.bytes_down / 1e6:.2f} MB down, {record.seconds:.1f} s"
-    )
-
-
-def weighted_site_mean(per_site: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
-    """Across sites: each ``<split>_<metric>`` averaged over the sites that report it, weighted by their
-    ``<split>_n`` cases; case counts (``<split>_n``, ``_n_events``, ``_n_positive``, ``excluded_<reason>``) summed;
-    confidence limits (``_lo``/``_hi``) left out (they do not average)."""
-    sums: dict[str, float] = {}
-    weights: dict[str, float] = {}
-    for metrics in per_site.values():
-        for key, value in metrics.items():
-            if key.endswith(("_lo", "_hi")) or not isinstance(value, int | float) or not math.isfinite(value):
-                continue
-            split, _, metric = key.partition("_")
-            count = metric in COUNT_METRICS or split == "excluded"  # excluded_<reason>: cases, summed
-            w = 1.0 if count else float(metrics.get(f"{split}_n", 0) or 0)
-            if w > 0:
-                sums[key] = sums.get(key, 0.0) + w * float(value)
-                weights[key] = weights.get(key, 0.0) + (0.0 if count else w)
-    return {k: sums[k] / weights[k] if weights[k] else sums[k] for k in sorted(sums)}
-
-
-def site_error_text(reason: str) -> str:
-    """A site's own (scrubbed) error message out of an error reply, without the runtime's wrapping (Flower's
-    "Exception ... occurred. Message: ..." and, in simulation, Ray's traceback)."""
-    found = re.findall(r"Message: (.+)", reason)
-    text = found[-1] if found else (reason.strip().splitlines() or [""])[0]
-    return text.strip()[:500]
-
-
-def unique_site_names(names: Iterable[str]) -> list[str]:
-    """Site names as reported, with "#2", "#3" added to repeats so that no site's metrics overwrite another's."""
-    seen: dict[str, int] = {}
-    out = []
-    for name in names:
-        seen[name] = seen.get(name, 0) + 1
-        out.append(name if seen[name] == 1 else f"{name}#{seen[name]}")
-    return out
 
 
 # --- the controller --------------------------------------------------------------------------------------------
@@ -271,8 +63,9 @@ class RoundController:
     """The coordinator's state across rounds (see the module docstring).
 
     ``out_dir`` receives ``checkpoints/``, ``rounds.json`` and, by default, the MLflow store. ``resume`` continues
-    from the newest checkpoint there (ConfigError when there is none); without it, a folder that already holds
-    checkpoints is refused rather than overwritten. ``initial_state`` (the first round's phase's adapter) defaults
+    from the newest checkpoint there; ``fedmusk.server.checkpoint.resume_point`` refuses a resume with nothing to
+    resume and a fresh start in a folder that already holds checkpoints (ConfigError). ``cfg`` is a loaded one
+    (``fedmusk.config.check_config`` has run). ``initial_state`` (the first round's phase's adapter) defaults
     to ``initial_adapter_state(cfg, phase of round 1)``.
     """
 
@@ -284,7 +77,6 @@ class RoundController:
         initial_state: StateDict | None = None,
         tracker_factory: Callable[..., Any] | None = None,
     ):
-        check_federation_config(cfg)
         self.cfg = cfg
         self.fed = cfg.federation
         self.out_dir = Path(out_dir)
@@ -298,19 +90,13 @@ class RoundController:
         self._available = 0
         self._round_started = 0.0
         run_id = None
-        if resume:
-            ckpt = load_latest(self.checkpoint_dir)
-            if ckpt is None:
-                raise ConfigError(f"cannot resume: {self.checkpoint_dir} holds no complete checkpoint")
+        ckpt = resume_point(self.out_dir, resume)
+        if ckpt is not None:
             if "config" in ckpt.extra:
                 check_resume_compatible(config_from_yaml(ckpt.extra["config"]), cfg)
             self._restore(ckpt)
             run_id = ckpt.extra.get("mlflow_run_id")
         else:
-            if list_rounds(self.checkpoint_dir):
-                raise ConfigError(
-                    f"{self.out_dir} already holds a federation's checkpoints: resume it or choose another folder"
-                )
             self.phase = round_phase(cfg, 1)
             self.global_state = initial_state if initial_state is not None else initial_adapter_state(cfg, self.phase)
             self.federation_id = secrets.token_hex(8)
@@ -620,24 +406,3 @@ class RoundController:
         tmp.write_text(json.dumps([asdict(r) for r in self.history], indent=1) + "\n")
         os.replace(tmp, path)
 
-
-# Sections that must not change when a federation resumes (rounds, waits and tracking may).
-_FIXED_ON_RESUME = ("seed", "model", "data", "train")
-_FIXED_FEDERATION_KEYS = (
-    "strategy", "local_epochs", "pretrain_rounds", "secure_aggregation", "server_optimizer", "server_lr",
-    "proximal_mu", "robust", "trim_fraction", "dp_noise_multiplier", "dp_clip",
-)  # fmt: skip
-
-
-def check_resume_compatible(saved: FedMuskConfig, cfg: FedMuskConfig) -> None:
-    """ConfigError listing the settings that differ from the checkpointed run's and would change its results."""
-    changed = [s for s in _FIXED_ON_RESUME if asdict_or_value(getattr(saved, s)) != asdict_or_value(getattr(cfg, s))]
-    changed += [
-        f"federation.{k}" for k in _FIXED_FEDERATION_KEYS if getattr(saved.federation, k) != getattr(cfg.federation, k)
-    ]
-    if changed:
-        raise ConfigError(f"cannot resume: these settings differ from the checkpointed run: {', '.join(changed)}")
-
-
-def asdict_or_value(value: Any) -> Any:
-    return asdict(value) if hasattr(value, "__dataclass_fields__") else value

@@ -25,11 +25,13 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.default_workflows import default_evaluate_workflow, default_fit_workflow
 from flwr.serverapp import Grid, ServerApp
 
-from fedmusk.client.site_client import RUN_OUT_DIR, RUN_RESUME, config_from_run_config
 from fedmusk.config import FederationConfig
 from fedmusk.secagg_wire import restore_masked_vector
-from fedmusk.server.rounds import RoundController, save_global_adapter, site_error_text
+from fedmusk.server.records import site_error_text
+from fedmusk.server.rounds import RoundController
 from fedmusk.server.strategy import FedMuskStrategy
+from fedmusk.training.global_adapter import save_global_adapter
+from fedmusk.wire import RUN_OUT_DIR, RUN_RESUME, config_from_run_config
 
 DEFAULT_OUT_DIR = "fedmusk-out"
 ADAPTER_DIR = "adapter"  # the final global adapter, peft format, inside out-dir

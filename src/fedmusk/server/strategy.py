@@ -27,8 +27,9 @@ from flwr.server.client_manager import ClientManager  # noqa: E402
 from flwr.server.client_proxy import ClientProxy  # noqa: E402
 from flwr.server.strategy import Strategy  # noqa: E402
 
-from fedmusk.client.site_client import AdapterLayout, phase_round  # noqa: E402
-from fedmusk.server.rounds import RoundController, site_error_text, unique_site_names  # noqa: E402
+from fedmusk.server.records import site_error_text, unique_site_names  # noqa: E402
+from fedmusk.server.rounds import RoundController  # noqa: E402
+from fedmusk.wire import AdapterLayout, phase_round  # noqa: E402
 
 
 class FedMuskStrategy(Strategy):

@@ -13,7 +13,7 @@ from types import MappingProxyType
 import numpy as np
 import torch
 
-from fedmusk.config import ConfigError, FedMuskConfig
+from fedmusk.config import FedMuskConfig, learnable_experts
 from fedmusk.data.prepare.pipeline import TilingSettings
 from fedmusk.musk_model.heads import (
     CaseFusion,
@@ -69,35 +69,11 @@ def lora_settings(cfg: FedMuskConfig, experts: tuple[str, ...] | None = None) ->
     )  # fmt: skip
 
 
-def learnable_experts(cfg: FedMuskConfig) -> tuple[tuple[str, ...], dict[str, str]]:
-    """Which configured LoRA experts can receive a gradient in the outcome task, and why the others cannot.
-
-    The vision expert (A) sees tiles only in end-to-end training: cached features come from the frozen base model,
-    and ``fusion=report`` reads no tiles. The language expert (B) sees the report unless ``fusion=image``.
-    Returns ``(experts, {expert: reason})``; LoRA on the others would be trained and exchanged for nothing.
-    """
-    t = cfg.train
-    why_not: dict[str, str] = {}
-    if t.fusion == "report":
-        why_not["A"] = "train.fusion=report reads no tiles"
-    elif t.features == "cached":
-        why_not["A"] = "train.features=cached: tile features come from the frozen base model"
-    if t.fusion == "image":
-        why_not["B"] = "train.fusion=image reads no report"
-    configured = tuple(dict.fromkeys(t.lora.experts))
-    return tuple(e for e in configured if e not in why_not), {e: why_not[e] for e in configured if e in why_not}
-
-
 def outcome_lora_settings(cfg: FedMuskConfig) -> LoraSettings:
-    """The outcome model's LoRA: the configured settings on the experts that can learn (``learnable_experts``);
-    the others are neither trained nor exchanged, and the log says so once. ConfigError when none can learn."""
+    """The outcome model's LoRA: the configured settings on the experts that can learn (``learnable_experts``;
+    ``fedmusk.config.check_config`` refuses a configuration where none can); the others are neither trained nor
+    exchanged, and the log says so once."""
     experts, dropped = learnable_experts(cfg)
-    if not experts:
-        reasons = "; ".join(dropped.values())
-        raise ConfigError(
-            f"train.lora.experts={list(cfg.train.lora.experts)}: no LoRA expert can learn ({reasons}); "
-            "use train.features=end2end or a fusion that reads the report"
-        )
     for expert, reason in dropped.items():
         message = (
             f"LoRA on the {EXPERTS[expert]} expert ({expert}) is neither trained nor exchanged: {reason}"
@@ -107,6 +83,29 @@ def outcome_lora_settings(cfg: FedMuskConfig) -> LoraSettings:
             log.warning(message)
     return lora_settings(cfg, experts)
 
+
+def time_edges(cfg: FedMuskConfig) -> torch.Tensor:
+    """The discrete-time survival bins' edges: 0, the configured ``train.time_bins``, infinity."""
+    return torch.tensor([0.0, *sorted(cfg.train.time_bins), float("inf")])
+
+
+def outcome_model(cfg: FedMuskConfig, base_model):
+    """``base_model`` (consumed) with the outcome model's LoRA, fusion and outcome head: what ``OutcomeTrainer``
+    trains, and what a coordinator builds from the configuration alone to lay out the global adapter.
+
+    ValueError for a task that is not an outcome task (pretraining has its own heads)."""
+    t = cfg.train
+    if t.task not in OUTCOME_TASKS:
+        raise ValueError(f"train.task={t.task!r} is not an outcome task; choose one of {list(OUTCOME_TASKS)}")
+    embed_dim = base_model.config.embed_dim
+    tile_dim = embed_dim * (2 if cfg.model.ms_aug else 1)  # raw CLS, or 1x + 2x scales
+    fusion = CaseFusion(tile_dim, embed_dim, dim=t.hidden_dim, mode=t.fusion, dropout=t.dropout)
+    if t.task == "survival" and t.survival_loss == "nll":
+        head = SurvivalHead(fusion.out_dim, n_bins=len(time_edges(cfg)) - 1)
+    else:  # cox: one risk score per case; response: one logit
+        head = ResponseHead(fusion.out_dim)
+    torch.manual_seed(cfg.seed)  # heads start identical at every site
+    return apply_lora(base_model, outcome_lora_settings(cfg), extra_trainable={"fusion": fusion, "outcome": head})
 
 
 class OutcomeTrainer:
@@ -121,26 +120,9 @@ class OutcomeTrainer:
 
     def __init__(self, cfg: FedMuskConfig, base_model, tokenizer, features: FeatureStore | None, device):
         t = cfg.train
-        if t.task not in OUTCOME_TASKS:
-            raise ValueError(f"train.task={t.task!r} is not an outcome task; choose one of {list(OUTCOME_TASKS)}")
-        if t.features not in ("cached", "end2end"):
-            raise ValueError(f"train.features={t.features!r}: choose 'cached' or 'end2end'")
         self.cfg, self.tokenizer, self.features, self.device = cfg, tokenizer, features, torch.device(device)
-        embed_dim = base_model.config.embed_dim
-        tile_dim = embed_dim * (2 if cfg.model.ms_aug else 1)  # raw CLS, or 1x + 2x scales
-        fusion = CaseFusion(tile_dim, embed_dim, dim=t.hidden_dim, mode=t.fusion, dropout=t.dropout)
-        self.edges = torch.tensor([0.0, *sorted(t.time_bins), float("inf")])
-        if t.task == "survival" and t.survival_loss == "nll":
-            head = SurvivalHead(fusion.out_dim, n_bins=len(self.edges) - 1)
-        elif t.task == "survival" and t.survival_loss == "cox":
-            head = ResponseHead(fusion.out_dim)  # one risk score per case
-        elif t.task == "response":
-            head = ResponseHead(fusion.out_dim)
-        else:
-            raise ValueError(f"train.survival_loss={t.survival_loss!r}: choose 'nll' or 'cox'")
-        torch.manual_seed(cfg.seed)  # heads start identical at every site
-        settings = outcome_lora_settings(cfg)
-        self.model = apply_lora(base_model, settings, extra_trainable={"fusion": fusion, "outcome": head})
+        self.model = outcome_model(cfg, base_model)
+        self.edges = time_edges(cfg)
         self.model.to(self.device)
         # MUSK's forward in training runs at model.precision; evaluation stays float32
         self.precision = resolve_precision(cfg.model.precision, self.device)

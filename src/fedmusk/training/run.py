@@ -15,9 +15,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
-from fedmusk.config import ConfigError, FedMuskConfig, to_yaml
+from fedmusk.config import ConfigError, FedMuskConfig, check_model_config, to_yaml
 from fedmusk.musk_model.lora import save_adapter
-from fedmusk.runtime import check_model_config
 from fedmusk.training.plots import plot_kaplan_meier, plot_roc, plot_round_curves
 from fedmusk.training.session import TrainingSession
 
