@@ -66,6 +66,36 @@ def test_the_worker_runs_only_with_the_flower_version_it_speaks():
         check_flower_version("1.43.0")
 
 
+def test_a_worker_whose_claims_are_refused_stops_saying_the_secret_differs(caplog):
+    """A SuperNode that refuses every claim (another secret) stops the worker for good after a few tries; one
+    refused claim alone does not (the daemon would otherwise stop the site over a single glitch)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from fedmusk.ops.worker import REFUSALS_FATAL, SiteWorker
+
+    class Refuse(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - the handler's name is http.server's
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self.send_response(401)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        worker = SiteWorker(f"127.0.0.1:{server.server_address[1]}", b"0" * 64)
+        with pytest.raises(WorkerError, match="refuses this worker's claims: the shared secret differs"):
+            worker.serve(threading.Event())
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert sum("refused a claim" in r.getMessage() for r in caplog.records) == REFUSALS_FATAL - 1
+
+
 def test_node_config_values_with_quotes_spaces_and_unicode_reach_flower_intact(tmp_path):
     values = {
         "site-root": '/data/St. Mary\'s "North" wing/site 1', "site-name": "site-1",

@@ -15,17 +15,22 @@ from fedmusk.config import FedMuskConfig
 from fedmusk.strategies.aggregation import StateDict
 
 
-def outcome_adapter_model(cfg: FedMuskConfig):
-    """The outcome model (LoRA, fusion and outcome head, ``fedmusk.training.outcome.outcome_model``) on a seeded
-    random base, on the CPU: the same tensors an ``OutcomeTrainer`` built from ``cfg`` starts with."""
+def _seeded_base(cfg: FedMuskConfig):
+    """The base model of ``cfg``'s preset, randomly initialised after seeding with ``cfg.seed``, on the CPU."""
     from fedmusk.musk_model import create_model
     from fedmusk.runtime import seed_everything
-    from fedmusk.training.outcome import outcome_model
 
     seed_everything(cfg.seed)
     changes = {"img_size": cfg.model.img_size} if cfg.model.img_size else {}
-    base = create_model(cfg.model.preset, weights=None, device="cpu", **changes)
-    return outcome_model(cfg, base)  # heads sized from the config
+    return create_model(cfg.model.preset, weights=None, device="cpu", **changes)
+
+
+def outcome_adapter_model(cfg: FedMuskConfig):
+    """The outcome model (LoRA, fusion and outcome head, ``fedmusk.training.outcome.outcome_model``) on a seeded
+    random base, on the CPU: the same tensors an ``OutcomeTrainer`` built from ``cfg`` starts with."""
+    from fedmusk.training.outcome import outcome_model
+
+    return outcome_model(cfg, _seeded_base(cfg))  # heads sized from the config
 
 
 def initial_adapter_state(cfg: FedMuskConfig, phase: str = "outcome") -> StateDict:
@@ -42,16 +47,12 @@ def pretrain_adapter_state(cfg: FedMuskConfig) -> StateDict:
     """The adapter of a pretraining round (LoRA + ``pretrain_heads``) from the configuration alone, on the CPU: what
     a federation's coordinator starts its pretraining phase from. Base weights never enter the adapter, so the
     base is built without them."""
-    from fedmusk.musk_model import create_model
     from fedmusk.musk_model.lora import adapter_state, apply_lora
-    from fedmusk.runtime import seed_everything
     from fedmusk.training.outcome import lora_settings
     from fedmusk.training.pretrain import enabled_objectives, load_visual_tokenizer, pretrain_heads
 
     enabled = enabled_objectives(cfg)
-    seed_everything(cfg.seed)
-    changes = {"img_size": cfg.model.img_size} if cfg.model.img_size else {}
-    base = create_model(cfg.model.preset, weights=None, device="cpu", **changes)
+    base = _seeded_base(cfg)
     tokenizer = None
     if "mim" in enabled and cfg.train.pretrain.mim_target == "codes":
         tokenizer = load_visual_tokenizer(cfg.train.pretrain.visual_tokenizer, "cpu")
