@@ -81,11 +81,11 @@ def large_layout(overrides: list[str]):
     device (no weights), from exactly the tensors ``adapter_state`` would copy."""
     import torch
 
-    from fedmusk.wire import AdapterLayout
     from fedmusk.config import load_config
     from fedmusk.musk_model import MuskConfig, MuskModel
     from fedmusk.musk_model.lora import _exchanged
     from fedmusk.training.outcome import OutcomeTrainer
+    from fedmusk.wire import AdapterLayout
 
     cfg = load_config([REPO / "configs" / "musk-large.yaml"], overrides)
     with torch.device("meta"):
@@ -97,10 +97,10 @@ def large_layout(overrides: list[str]):
 
 def tiny_layout():
     """fedmusk's AdapterLayout of the tiny demo adapter of section 2's federations (built for real on the CPU)."""
-    from fedmusk.wire import AdapterLayout
     from fedmusk.config import load_config
     from fedmusk.musk_model import MuskConfig, MuskModel
     from fedmusk.training.outcome import OutcomeTrainer
+    from fedmusk.wire import AdapterLayout
 
     cfg = load_config([REPO / "configs" / "demo.yaml"], TINY_OVERRIDES)
     return AdapterLayout.of(OutcomeTrainer(cfg, MuskModel(MuskConfig.tiny()), None, None, "cpu").adapter_state())

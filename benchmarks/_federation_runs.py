@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from _child import run_child  # noqa: E402 - sibling modules in benchmarks/
 from _federation_bytes import REPO, TINY_OVERRIDES
 from _federation_tables import fmt

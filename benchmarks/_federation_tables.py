@@ -9,7 +9,6 @@ import statistics
 from pathlib import Path
 
 import numpy as np
-
 from _federation_bytes import FULL_BYTES, GOAL_UP_FRACTION  # noqa: E402 - sibling module in benchmarks/
 
 

@@ -33,12 +33,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _report import cpu_name, write_report  # noqa: E402 - sibling module in benchmarks/
 
-from fedmusk.data.slides.tile_loader import iter_tile_batches
 from fedmusk.data.slides import open_slide
+from fedmusk.data.slides.tile_loader import iter_tile_batches
 from fedmusk.data.slides.tiles import tile_grid
 from fedmusk.musk_model import create_model, musk_transform
-from _report import cpu_name, write_report  # noqa: E402 - sibling module in benchmarks/
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent

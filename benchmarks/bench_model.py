@@ -23,7 +23,6 @@ Writes benchmarks/results/bench_model.json and bench_model.md.
 
 from __future__ import annotations
 
-from _report import cpu_name, write_report
 import argparse
 import copy
 import json
@@ -39,6 +38,7 @@ from pathlib import Path
 import psutil
 import torch
 import torch.nn.functional as F
+from _report import cpu_name, write_report
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))

@@ -27,12 +27,12 @@ import time
 from pathlib import Path
 
 import torch
+from _report import cpu_name, write_report  # noqa: E402 - sibling module in benchmarks/
 
 from fedmusk.config import load_config
 from fedmusk.data.prepare.pipeline import cache_dir, read_cache
 from fedmusk.data.synth.cohort import synthesize_cohort
 from fedmusk.training.session import TrainingSession
-from _report import cpu_name, write_report  # noqa: E402 - sibling module in benchmarks/
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent

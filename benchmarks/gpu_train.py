@@ -28,12 +28,12 @@ import time
 from pathlib import Path
 
 import torch
+from _report import write_report  # noqa: E402 - sibling module in benchmarks/
 
 from fedmusk.musk_model import MuskConfig, MuskModel
 from fedmusk.musk_model.heads import CaseFusion, SurvivalHead, pad_bags
 from fedmusk.musk_model.lora import LoraSettings, apply_lora, task_heads, trainable_parameter_count
 from fedmusk.musk_model.losses import discrete_time_nll
-from _report import write_report  # noqa: E402 - sibling module in benchmarks/
 
 HERE = Path(__file__).resolve().parent
 GIB = 2**30

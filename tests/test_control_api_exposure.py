@@ -33,8 +33,8 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fedmusk.ops.certs import CertPaths, add_site, init_ca, site_key_pair
 from fedmusk.ops import fleet_proxy
+from fedmusk.ops.certs import CertPaths, add_site, init_ca, site_key_pair
 from fedmusk.ops.supervise import Child, flower_env, free_port
 
 CONTROL_ATTACKS = ("register-node", "unregister-node", "list-nodes", "list-runs", "start-run", "stop-run",

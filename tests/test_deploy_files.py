@@ -17,7 +17,6 @@ from pathlib import Path
 import click
 import pytest
 import yaml
-
 from _deploy_helpers import (
     COMPOSE,
     DEPLOY,
@@ -34,7 +33,6 @@ from _deploy_helpers import (
     fedmusk_env,
     parse_fedmusk,
 )
-
 
 # --- Docker --------------------------------------------------------------------------------------------------------
 

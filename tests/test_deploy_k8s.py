@@ -10,9 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
-
 from _deploy_helpers import IMAGE_DOCKERFILES, K8S, dockerfile_entrypoint, dockerfile_env, fedmusk_env, parse_fedmusk
-
 
 
 def k8s_documents(folder: Path = K8S, recursive: bool = True) -> dict[Path, list[dict]]:

@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from fedmusk.ops.certs import add_site, init_ca, site_key_pair
 from fedmusk.data.synth.cohort import synthesize_cohort
+from fedmusk.ops.certs import add_site, init_ca, site_key_pair
 from fedmusk.ops.coordinator import _write_app
 from fedmusk.ops.supervise import free_port
 

@@ -8,8 +8,8 @@ from pydicom.uid import JPEGBaseline8Bit
 from wsidicom import WsiDicom
 
 import fedmusk.data.slides.dicom_wsi as dicom_wsi
-from fedmusk.data.slides.dicom_wsi import convert_to_dicom, write_dicom_wsi
 from fedmusk.data.slides import open_slide
+from fedmusk.data.slides.dicom_wsi import convert_to_dicom, write_dicom_wsi
 from fedmusk.data.slides.tiles import TileCoord, read_tile, tile_grid
 
 JPEG_MEAN_ERROR = 4.0  # mean absolute difference per channel that JPEG at quality 90 stays well within

@@ -4,8 +4,8 @@ answer, and no earlier result is lost. Every site here is a damaged copy of a sy
 from __future__ import annotations
 
 import csv
-import re
 import json
+import re
 import shutil
 from pathlib import Path
 

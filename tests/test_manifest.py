@@ -1,11 +1,10 @@
 """Strict reading of a site's manifest.csv: columns, values, row numbers and case consistency."""
 
 import pytest
+from _validation_helpers import MANIFEST_HEADER, row, write_manifest
 
 from fedmusk.data.errors import SiteDataError
 from fedmusk.data.site.manifest import read_manifest, relative_site_path
-
-from _validation_helpers import MANIFEST_HEADER, row, write_manifest
 
 
 def _problems(manifest):

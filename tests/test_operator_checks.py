@@ -10,8 +10,8 @@ import shutil
 import pytest
 from typer.testing import CliRunner
 
-from fedmusk.ops.certs import add_site, init_ca
 from fedmusk.cli import app
+from fedmusk.ops.certs import add_site, init_ca
 
 runner = CliRunner()
 

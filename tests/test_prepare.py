@@ -8,11 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from _slides_helpers import real_svs, truncate
+from _validation_helpers import write_tiles
 from rich.console import Console
 
 from fedmusk.config import load_config
 from fedmusk.data.errors import SlideError
-from fedmusk.data.site.manifest import read_manifest
+from fedmusk.data.prepare.cli import run_prepare
 from fedmusk.data.prepare.pipeline import (
     TilingSettings,
     cache_dir,
@@ -21,15 +23,12 @@ from fedmusk.data.prepare.pipeline import (
     read_cache,
     slide_key,
 )
-from fedmusk.data.prepare.cli import run_prepare
+from fedmusk.data.site.manifest import read_manifest
 from fedmusk.data.slides import open_slide
 from fedmusk.data.slides.tile_loader import iter_tile_batches, read_tile_batch
 from fedmusk.data.slides.tiles import read_tile, tile_grid
 from fedmusk.musk_model import musk_transform
 from fedmusk.runtime import load_model, model_precision
-
-from _slides_helpers import real_svs, truncate
-from _validation_helpers import write_tiles
 
 TINY = ["data.tile_size=96", "data.batch_size=8"]  # tiles at the tiny model's own size
 

@@ -1,11 +1,10 @@
 """Reading pathology reports and spotting text in them that looks like a patient identifier."""
 
 import pytest
+from _validation_helpers import CLEAN_REPORT
 
 from fedmusk.data.errors import SiteDataError
 from fedmusk.data.site.reports import find_identifiers, read_report
-
-from _validation_helpers import CLEAN_REPORT
 
 
 def _kinds(text):

@@ -7,11 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from fedmusk.data.slides.dicom_headers import dicom_patient_values
-from fedmusk.data.site.scrub import Scrubber
-
 from _validation_helpers import CLEAN_REPORT, make_site, row, write_dicom_slide, write_manifest, write_tiles
+
+from fedmusk.data.site.scrub import Scrubber
+from fedmusk.data.slides.dicom_headers import dicom_patient_values
 
 REPORT = (
     "SURGICAL PATHOLOGY REPORT. Patient: DOE, Jane. MRN: 00123456. Accession: S24-55501.\n"

@@ -13,16 +13,16 @@ import pytest
 from flwr.cli.build import build_fab_from_disk
 from flwr.common.config import parse_config_args
 
-from fedmusk.ops.daemon import toml_string, write_runtime_files
 from fedmusk.client.site_client import site_address, site_config
+from fedmusk.config import ConfigError, FedMuskConfig, load_config
+from fedmusk.ops.coordinator import _write_app
+from fedmusk.ops.daemon import toml_string, write_runtime_files
 from fedmusk.ops.worker import (
     FLOWER_VERSION,
     WorkerError,
     bundle_problems,
     check_flower_version,
 )
-from fedmusk.config import ConfigError, FedMuskConfig, load_config
-from fedmusk.ops.coordinator import _write_app
 from fedmusk.site_settings import load_site_settings, parse_coordinator_config
 from fedmusk.wire import NODE_SITE_ROOT, RUN_BASE_MODEL, RUN_CONFIG, RUN_SITE_SETTINGS, wire_run_config
 

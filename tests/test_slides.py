@@ -17,9 +17,9 @@ from _slides_helpers import (
 )
 from PIL import Image
 
-from fedmusk.data.slides.dicom_wsi import write_dicom_wsi
 from fedmusk.data.errors import SiteDataError, SlideError
 from fedmusk.data.slides import check_slide, open_slide
+from fedmusk.data.slides.dicom_wsi import write_dicom_wsi
 from fedmusk.data.slides.tissue import tissue_mask
 
 

@@ -16,10 +16,10 @@ from sksurv.metrics import concordance_index_censored
 
 from fedmusk.data.site.reports import RECORD_NUMBER, find_identifiers
 from fedmusk.data.slides import open_slide
+from fedmusk.data.slides.tiles import tile_grid
 from fedmusk.data.synth.cohort import MANIFEST_COLUMNS, synthesize_cohort
 from fedmusk.data.synth.sites import site_profiles
 from fedmusk.data.synth.tissue import NECROSIS, TUMOUR, Stain, TissueBiology, render_section
-from fedmusk.data.slides.tiles import tile_grid
 
 TINY = dict(sites=3, cases_per_site=(3, 2, 2), tile_px=32, slide_px=256, pretrain_tiles=3, pretrain_reports=2,
             multi_slide_rate=0.5, progress=False, workers=1)  # fmt: skip

@@ -5,8 +5,8 @@ import pytest
 from _slides_helpers import real_svs, tissue_image
 from PIL import Image
 
-from fedmusk.data.slides.dicom_wsi import write_dicom_wsi
 from fedmusk.data.slides import open_slide
+from fedmusk.data.slides.dicom_wsi import write_dicom_wsi
 from fedmusk.data.slides.tiles import TileCoord, level_for_mpp, read_tile, region_extent, sample_tiles, tile_grid
 from fedmusk.data.slides.tissue import tissue_mask
 

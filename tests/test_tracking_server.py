@@ -54,10 +54,10 @@ def test_a_study_on_an_mlflow_server_nests_arms_and_serves_the_registered_model(
     import pandas as pd
     from mlflow.tracking import MlflowClient
 
-    from fedmusk.training.global_adapter import initial_adapter_state, save_global_adapter
     from fedmusk.tracking import Tracker
     from fedmusk.tracking_model import register_model
     from fedmusk.training.bundle import Lineage
+    from fedmusk.training.global_adapter import initial_adapter_state, save_global_adapter
     from fedmusk.training.predict import run_predict
 
     overrides = ["train.fusion=report", f"tracking.uri={server}", "tracking.experiment=study"]

@@ -6,10 +6,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-from rich.console import Console
-
-from fedmusk.data.site.validate import ROW_HEADER, run_validate, validate_site
-
 from _validation_helpers import (
     CLEAN_REPORT,
     make_site,
@@ -21,6 +17,9 @@ from _validation_helpers import (
     write_tiff_slide,
     write_tiles,
 )
+from rich.console import Console
+
+from fedmusk.data.site.validate import ROW_HEADER, run_validate, validate_site
 
 REPO = Path(__file__).resolve().parents[1]
 

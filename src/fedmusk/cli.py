@@ -34,12 +34,11 @@ def _fail(message: str, code: int = 2) -> None:
 
 def _user_errors():
     """Errors that are the user's to fix: printed in one line, no traceback."""
-    from fedmusk.ops.cert_files import CertError
-    from fedmusk.ops.daemon import DaemonError
     from fedmusk.config import ConfigError
     from fedmusk.musk_model.weights import WeightsMismatchError
+    from fedmusk.ops.cert_files import CertError
     from fedmusk.ops.coordinator import CoordinatorError
-
+    from fedmusk.ops.daemon import DaemonError
     from fedmusk.training.bundle import ModelMismatchError
 
     errors: tuple[type[BaseException], ...] = (

@@ -28,8 +28,8 @@ import numpy as np  # noqa: E402
 from fedmusk.client.site_client import SiteClient, site_address  # noqa: E402
 from fedmusk.config import ConfigError, FedMuskConfig  # noqa: E402
 from fedmusk.server.checkpoint import CHECKPOINT_DIR, load_latest, resume_point  # noqa: E402
-from fedmusk.site_settings import site_local_settings  # noqa: E402
 from fedmusk.server.rounds import ROUNDS_FILE  # noqa: E402
+from fedmusk.site_settings import site_local_settings  # noqa: E402
 from fedmusk.strategies.aggregation import secure_sum_error_bound  # noqa: E402
 from fedmusk.wire import (  # noqa: E402
     NODE_PARTITION,
@@ -113,7 +113,6 @@ def run_simulation_from_config(
 
     from fedmusk.client.client_app import build_client_app
     from fedmusk.server.server_app import ADAPTER_DIR, build_server_app
-
     from fedmusk.training.run import check_site_folders
 
     check_site_folders([Path(r) for r in site_roots])  # before Ray starts: a missing or doubled site is a typo

@@ -33,8 +33,6 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedmusk.config import ConfigError, FedMuskConfig, load_config
-from fedmusk.server.checkpoint import CHECKPOINT_DIR, load_latest, resume_point
-from fedmusk.server.rounds import ROUNDS_FILE, RoundFailed
 from fedmusk.ops.superlink import (
     CONNECTION,
     INTERNAL_HOST,
@@ -58,6 +56,8 @@ from fedmusk.ops.supervise import (
     write_pid_file,
     write_private,
 )
+from fedmusk.server.checkpoint import CHECKPOINT_DIR, load_latest, resume_point
+from fedmusk.server.rounds import ROUNDS_FILE, RoundFailed
 from fedmusk.wire import wire_run_config
 
 STATUS_POLL_S = 10.0  # seconds between `flwr list` checks of the run's status while rounds remain

@@ -37,7 +37,6 @@ from rich.console import Console
 
 from fedmusk.client.policy import SitePolicy
 from fedmusk.client.site_client import SITE_POLICY_FILE
-from fedmusk.site_settings import SITE_SETTINGS_FILE, load_site_settings
 from fedmusk.ops.supervise import (
     LOOPBACK,
     PRIVATE_UMASK,
@@ -49,6 +48,7 @@ from fedmusk.ops.supervise import (
     split_address,
     write_private,
 )
+from fedmusk.site_settings import SITE_SETTINGS_FILE, load_site_settings
 from fedmusk.wire import NODE_COORDINATOR, NODE_POLICY, NODE_SETTINGS, NODE_SITE_NAME, NODE_SITE_ROOT
 
 SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")

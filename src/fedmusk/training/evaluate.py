@@ -19,11 +19,11 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 
-from fedmusk.training.bundle import Bundle, ModelMismatchError, open_bundle, resolve_model
 from fedmusk.evaluation.arrays import UndefinedMetricError
 from fedmusk.evaluation.binary import auroc
 from fedmusk.evaluation.bootstrap import bootstrap_ci
 from fedmusk.evaluation.survival import harrell_c_index, kaplan_meier, logrank_test
+from fedmusk.training.bundle import Bundle, ModelMismatchError, open_bundle, resolve_model
 from fedmusk.training.outcome import Predictions, metrics_for
 from fedmusk.training.predict import Predictor, default_output, progress_bar, select_cases
 

@@ -15,6 +15,8 @@ import torch
 
 from fedmusk.config import FedMuskConfig, learnable_experts
 from fedmusk.data.prepare.pipeline import TilingSettings
+from fedmusk.evaluation.binary import response_metrics
+from fedmusk.evaluation.survival import survival_metrics
 from fedmusk.musk_model.heads import (
     CaseFusion,
     ResponseHead,
@@ -25,13 +27,11 @@ from fedmusk.musk_model.heads import (
     survival_curve,
 )
 from fedmusk.musk_model.lora import LoraSettings, adapter_state, apply_lora, load_adapter_state, task_heads
-from fedmusk.musk_model.roles import EXPERTS
 from fedmusk.musk_model.losses import binary_response_loss, cox_partial_likelihood, discrete_time_nll
+from fedmusk.musk_model.roles import EXPERTS
 from fedmusk.precision import FLOAT32, autocast, resolve_precision
 from fedmusk.training.cohort import CaseRecord
 from fedmusk.training.features import FeatureStore, TileReader
-from fedmusk.evaluation.binary import response_metrics
-from fedmusk.evaluation.survival import survival_metrics
 
 OUTCOME_TASKS = ("survival", "response")
 log = logging.getLogger(__name__)

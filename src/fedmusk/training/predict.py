@@ -33,9 +33,9 @@ class Predictor:
     tokenizer or adapter layout differ from the model's, ConfigError for settings that cannot load."""
 
     def __init__(self, bundle: Bundle, progress: Callable[[str], None] | None = None):
+        from fedmusk.config import check_model_config
         from fedmusk.data.prepare.pipeline import TilingSettings
         from fedmusk.musk_model.lora import read_adapter_file
-        from fedmusk.config import check_model_config
         from fedmusk.runtime import load_model, load_tokenizer, resolve_device, seed_everything
         from fedmusk.training.features import FeatureStore
         from fedmusk.training.outcome import OutcomeTrainer

@@ -21,8 +21,8 @@ from __future__ import annotations
 import csv
 import io
 import math
-import unicodedata
 import re
+import unicodedata
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 

@@ -26,10 +26,10 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path, PurePath
 
-from fedmusk.data.slides.dicom_headers import dicom_patient_values
 from fedmusk.data.errors import SiteDataError
 from fedmusk.data.site.manifest import Manifest, on_disk_spelling, read_manifest, relative_site_path
 from fedmusk.data.site.reports import REPORT_MAX_BYTES, find_identifiers, read_report
+from fedmusk.data.slides.dicom_headers import dicom_patient_values
 
 CASE = "[case]"
 PATH = "[path]"

@@ -17,12 +17,12 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from fedmusk.data.slides.dicom_headers import has_dicom_preamble, is_dicom_file, wsi_header_problem
 from fedmusk.data.errors import SiteDataError
 from fedmusk.data.site.manifest import MANIFEST_NAME, Manifest, ManifestRow, read_manifest
 from fedmusk.data.site.problems import ERROR, WARNING, Problem, error, warning
 from fedmusk.data.site.reports import REPORT_MAX_BYTES, describe_findings, find_identifiers, read_report
 from fedmusk.data.site.validate_pretrain import pretrain_problems
+from fedmusk.data.slides.dicom_headers import has_dicom_preamble, is_dicom_file, wsi_header_problem
 
 __all__ = ["Problem", "ValidationReport", "validate_site", "run_validate", "content_fingerprint"]
 
