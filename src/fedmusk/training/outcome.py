@@ -113,13 +113,15 @@ class OutcomeTrainer:
 
     The trainable state is exactly ``adapter_state()``: LoRA tensors of the configured experts plus the fusion and
     outcome heads. ``base_model`` is consumed (wrapped by peft). ``train_epoch`` and ``evaluate`` work on ``splits``,
-    the cases by split ("train", "val", "test"), which the training session sets; ``predict`` takes any cases.
+    the cases by split ("train", "val", "test"; the training session's), ``predict`` on any cases.
     """
 
-    splits: Mapping[str, list[CaseRecord]] = MappingProxyType({})
-
-    def __init__(self, cfg: FedMuskConfig, base_model, tokenizer, features: FeatureStore | None, device):
+    def __init__(
+        self, cfg: FedMuskConfig, base_model, tokenizer, features: FeatureStore | None, device,
+        splits: Mapping[str, list[CaseRecord]] = MappingProxyType({}),
+    ):  # fmt: skip
         t = cfg.train
+        self.splits = splits
         self.cfg, self.tokenizer, self.features, self.device = cfg, tokenizer, features, torch.device(device)
         self.model = outcome_model(cfg, base_model)
         self.edges = time_edges(cfg)

@@ -112,9 +112,7 @@ class TrainingSession:
                 features.ensure(case.site_root, case.slides)
         cases, self.excluded = _drop_unusable(cases, features, warn)
         self.splits = split_cases(cases)
-        trainer = OutcomeTrainer(cfg, base, load_tokenizer(cfg.model), features, self.device)
-        trainer.splits = self.splits
-        return trainer
+        return OutcomeTrainer(cfg, base, load_tokenizer(cfg.model), features, self.device, self.splits)
 
     @property
     def exclusion_counts(self) -> dict[str, int]:
