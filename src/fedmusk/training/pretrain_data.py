@@ -14,7 +14,6 @@ and decoded when a batch needs them; either way an unreadable file raises ``Site
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,7 @@ from PIL import Image, UnidentifiedImageError
 
 from fedmusk.data.errors import SiteDataError
 from fedmusk.data.site.pairs import read_pairs
-from fedmusk.data.site.reports import read_report
+from fedmusk.data.site.reports import NO_TEXT, NOT_JSON, jsonl_documents, read_report
 from fedmusk.training.cohort import assign_split
 
 PRETRAIN_DIR = "pretrain"
@@ -184,17 +183,13 @@ def _documents(site_root: Path, path: Path) -> list[str]:
     if path.suffix.lower() == ".txt":
         return [content]
     documents = []
-    for n, line in enumerate(content.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            raise SiteDataError(f"line {n} is not valid JSON", path=name) from None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+    for n, text, why in jsonl_documents(content):
+        if why == NOT_JSON:
+            raise SiteDataError(f"line {n} is not valid JSON", path=name)
+        if why == NO_TEXT:
             raise SiteDataError(f'line {n} has no "text" string (each line must be a JSON object with "text")',
                                 path=name, field="text")  # fmt: skip
-        documents.append(record["text"])
+        documents.append(text)
     return documents
 
 

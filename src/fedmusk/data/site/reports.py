@@ -7,7 +7,9 @@ callers can report "a date at character 120" without repeating the date.
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,6 +64,25 @@ def read_report(path: str | Path, max_bytes: int | None = None) -> str:
                             "is not readable text (save it as UTF-8)", path=path)  # fmt: skip
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
+
+NOT_JSON, NO_TEXT = "not JSON", "no text"  # why a line of a .jsonl text file holds no document
+
+
+def jsonl_documents(content: str) -> Iterator[tuple[int, str | None, str | None]]:
+    """Each non-blank line of a .jsonl text file (one JSON object with a "text" string a line) as ``(line number,
+    its text, None)``, or ``(line number, None, NOT_JSON or NO_TEXT)`` for a line that is not such an object."""
+    for n, line in enumerate(content.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            yield n, None, NOT_JSON
+            continue
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            yield n, None, NO_TEXT
+            continue
+        yield n, record["text"], None
 
 def decode_text(raw: bytes) -> str | None:
     """``raw`` decoded as UTF-16 (with a byte-order mark), UTF-8 or Windows-1252, the first that fits; None for

@@ -4,13 +4,19 @@ first row under the header) and line numbers of .jsonl files."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from fedmusk.data.errors import SiteDataError
 from fedmusk.data.site.pairs import PAIRS_FILE, read_pairs
 from fedmusk.data.site.problems import Problem, error, warning
-from fedmusk.data.site.reports import describe_findings, find_identifiers, read_report
+from fedmusk.data.site.reports import (
+    NO_TEXT,
+    NOT_JSON,
+    describe_findings,
+    find_identifiers,
+    jsonl_documents,
+    read_report,
+)
 
 _RASTER_SUFFIXES = {".png", ".jpg", ".jpeg"}
 _MAX_POSITIONS = 5
@@ -53,19 +59,15 @@ def _pretrain_text_problems(pretrain: Path, file: Path) -> list[Problem]:
         return [warning(describe_findings(content, findings), path=where)] if findings else []
     found: list[Problem] = []
     flagged: list[str] = []
-    for n, line in enumerate(content.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
+    for n, text, why in jsonl_documents(content):
+        if why == NOT_JSON:
             found.append(error("line is not valid JSON", row=n, path=where))
             continue
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+        if why == NO_TEXT:
             found.append(error('line has no "text" field (each line must be a JSON object with "text")', row=n,
                                field="text", path=where))
             continue
-        kinds = sorted({f.kind for f in find_identifiers(record["text"])})
+        kinds = sorted({f.kind for f in find_identifiers(text)})
         if kinds:
             flagged.append(f"line {n} ({', '.join(kinds)})")
     if flagged:
