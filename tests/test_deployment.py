@@ -216,11 +216,13 @@ def test_a_sites_runtime_port_serves_task_claims_only_with_its_secret(first_run,
     from flwr.supercore.interceptors import SuperExecAuthHttpInterceptor
     from flwr.supercore.runtime import RuntimeHttpClient
 
+    from fedmusk.ops.daemon import runtime_folder
     from fedmusk.ops.worker import ACQUIRE_METHOD, CLIENT_TASK
 
     assert first_run["code"] == 0
     address = f"127.0.0.1:{world['runtime_ports']['site-1']}"
-    secret = (world["sites"]["site-1"] / ".fedmusk" / "runtime" / "superexec.secret").read_bytes()
+    runtime = runtime_folder(world["sites"]["site-1"], world["runtime_ports"]["site-1"])
+    secret = (runtime / "superexec.secret").read_bytes()
     request = AcquireTaskRequest(supported_task_types=[CLIENT_TASK])
     for wrong in (None, b"a guess"):
         interceptors = [] if wrong is None else [

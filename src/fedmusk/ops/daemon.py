@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import sys
@@ -53,7 +54,7 @@ from fedmusk.wire import NODE_COORDINATOR, NODE_POLICY, NODE_SETTINGS, NODE_SITE
 
 SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 LOG_FILE = Path(".fedmusk") / "logs" / "client.log"
-RUNTIME_DIR = Path(".fedmusk") / "runtime"  # the SuperNode's shared secret and node config (0700 folder, 0600 files)
+RUNTIME_DIR = Path(".fedmusk") / "runtime"  # per daemon (runtime_folder): its SuperNode's secret and node config
 BACKOFF_S = (2.0, 5.0, 15.0, 30.0, 60.0)
 WORKER_FATAL = 2  # the site worker's exit code for "cannot run at all" (fedmusk.ops.worker.EXIT_FATAL)
 STABLE_S = 300.0  # a SuperNode that ran this long before stopping starts again without waiting long
@@ -112,7 +113,8 @@ def _run_daemon(settings: DaemonSettings, console: Console) -> int:
         **({NODE_POLICY: str(policy_path)} if policy_path is not None else {}),
         **({NODE_SETTINGS: str(settings_path)} if settings_path is not None else {}),
     }  # fmt: skip
-    secret, node_config_file = write_runtime_files(site_root / RUNTIME_DIR, node_config)
+    runtime_dir = runtime_folder(site_root, settings.runtime_port)
+    secret, node_config_file = write_runtime_files(runtime_dir, node_config)
     runtime = f"127.0.0.1:{settings.runtime_port}"
     argv = [flower_executable("flower-supernode"), "--superlink", settings.superlink]
     if settings.insecure:
@@ -140,6 +142,7 @@ def _run_daemon(settings: DaemonSettings, console: Console) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        shutil.rmtree(runtime_dir, ignore_errors=True)  # the secret dies with the SuperNode it was written for
 
 
 # -- checks at start ---------------------------------------------------------------------------------------------
@@ -259,6 +262,13 @@ def _line_scrubber(site_root: Path, console: Console):
 
 def _echo(console: Console):
     return lambda line: console.print(line, markup=False, highlight=False)
+
+
+def runtime_folder(site_root: Path, runtime_port: int) -> Path:
+    """The folder of the daemon whose SuperNode serves ``runtime_port``: each running daemon has its own (no two
+    hold one port), so a second ``fedmusk client`` started on the same site never overwrites the secret that the
+    first one's SuperNode and worker share."""
+    return site_root / RUNTIME_DIR / str(runtime_port)
 
 
 def write_runtime_files(folder: Path, node_config: Mapping[str, str]) -> tuple[Path, Path]:

@@ -38,7 +38,6 @@ BUNDLE_FILES = frozenset({"pyproject.toml", ".info/CONTENT"})  # a bundle's desc
 CLIENT_TASK = "flwr-clientapp"
 ACQUIRE_METHOD = "/flwr.proto.Runtime/AcquireTask"
 POLL_S = 0.2  # between claims while idle: a local HTTP call, so a short wait costs nothing
-REFUSALS_FATAL = 3  # claims refused in a row (1 s apart) before the secret counts as wrong; one may be a glitch
 PULL_RETRY_S, PULL_RETRY_CAP_S = 0.05, 0.5  # waits for a message part the SuperNode is still storing
 # A message's parts are local to the SuperNode once it offers the task: a pull that takes longer is for a message the
 # SuperNode dropped (a run that ended while its message was on the way), and must not keep the worker from the next.
@@ -116,26 +115,19 @@ class SiteWorker:
         from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=no-name-in-module
 
         waiting_since: float | None = None
-        refused = 0
         while not stop.is_set():
             try:
                 claim = self._claims.AcquireTask(AcquireTaskRequest(supported_task_types=[CLIENT_TASK]))
             except httpx.HTTPStatusError as err:
-                if err.response.status_code not in (401, 403):
-                    raise
-                refused += 1
-                if refused >= REFUSALS_FATAL:
+                if err.response.status_code in (401, 403):
                     raise WorkerError("the SuperNode refuses this worker's claims: the shared secret differs") from None
-                log.warning("the SuperNode refused a claim (%d of %d before giving up)", refused, REFUSALS_FATAL)
-                stop.wait(1.0)
-                continue
+                raise
             except httpx.TransportError:
                 if waiting_since is None:
                     waiting_since = time.monotonic()
                     log.info("waiting for the SuperNode's runtime port %s", self.address)
                 stop.wait(1.0)
                 continue
-            refused = 0
             if waiting_since is not None:
                 log.info("connected to the SuperNode")
                 waiting_since = None
